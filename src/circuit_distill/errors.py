@@ -1,0 +1,25 @@
+"""Errors that say what was wrong and how to fix it."""
+
+
+class CircuitDistillError(Exception):
+    """Base class of every error raised on purpose by circuit-distill."""
+
+
+class UnsupportedModelError(CircuitDistillError):
+    """The model family has no architecture spec."""
+
+
+class SelfCheckError(CircuitDistillError):
+    """The load-time self-check of an architecture spec failed."""
+
+
+class ComponentError(CircuitDistillError, ValueError):
+    """A component name or address is malformed or out of range."""
+
+
+class TaskError(CircuitDistillError, ValueError):
+    """Task data could not be built (bad options, multi-token answers, malformed input)."""
+
+
+class ConfigError(CircuitDistillError, ValueError):
+    """A configuration key or value is invalid."""
