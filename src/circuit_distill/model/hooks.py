@@ -255,7 +255,7 @@ def head_contributions(model, layer: int, z: torch.Tensor) -> torch.Tensor:
     W = arch.o_proj(hf, layer).weight
     if arch.family.o_conv1d:
         W = W.t()  # Conv1D stores [in, out]
-    W = W.view(W.shape[0], arch.n_heads, arch.d_head)  # [d_model, H, dh]
+    W = W.to(z.dtype).view(W.shape[0], arch.n_heads, arch.d_head)  # [d_model, H, dh]
     zh = z.view(*z.shape[:-1], arch.n_heads, arch.d_head)
     return torch.einsum("...hd,mhd->...hm", zh, W)
 

@@ -70,7 +70,13 @@ class Model:
         return self.arch.family.name in ENCODER_FAMILIES
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]``."""
+        """Logits ``[batch, seq, vocab]``.
+
+        Position ids follow the attention mask (the i-th real token gets position i), so a
+        left-padded row computes exactly what the same row does unpadded.
+        """
+        if attention_mask is not None and "position_ids" not in kw and not self.is_encoder:
+            kw["position_ids"] = position_ids_from_mask(attention_mask)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
 
     def summary(self) -> dict:
@@ -87,6 +93,11 @@ class Model:
             "dtype": str(self.dtype).replace("torch.", ""),
             "self_check_max_abs_error": self.self_check_error,
         }
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` positions counting real tokens only (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def resolve_name(name_or_path: str | os.PathLike) -> tuple[str, bool]:

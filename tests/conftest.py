@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models of every family, built from configs and loaded through load_model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# family -> tiny_model kwargs; the GQA families use 4 query heads over 2 KV heads
+FAMILY_KW = {
+    "gpt2": {},
+    "llama": {"n_kv_heads": 2},
+    "mistral": {"n_kv_heads": 2},
+    "qwen2": {"n_kv_heads": 2},
+    "qwen3": {"n_kv_heads": 2},
+    "gpt_neox": {},
+}
+DECODER_FAMILIES = tuple(FAMILY_KW)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """One saved tiny model directory per decoder family (built once per session)."""
+    from circuit_distill import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: tiny_model(fam, root / fam, seed=1, **kw) for fam, kw in FAMILY_KW.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    from circuit_distill import tiny_model
+
+    return tiny_model("bert", tmp_path_factory.mktemp("tiny") / "bert", seed=1)
+
+
+def random_batch(vocab: int, batch: int = 3, seq: int = 7, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (batch, seq), generator=g)
