@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import interleaved_medians, print_table, write_results
 from transformers import AutoModelForCausalLM
 
-from _common import interleaved_medians, print_table, write_results
 from circuit_distill.model import Model, capture, tiny_config
 from circuit_distill.model.arch import build_arch
 
