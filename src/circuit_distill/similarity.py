@@ -1,17 +1,24 @@
-"""Representation similarity: linear CKA (biased and debiased).
+"""Representation similarity: linear CKA (biased and debiased), RBF CKA, and distributed CKA.
 
 CKA compares activation matrices of different widths: ``x [m, d1]`` and ``y [m, d2]`` hold one row
 per example (or token) for the same ``m`` inputs. Always computed in float32 (or float64 if the
 input is), whatever the model's dtype, with an epsilon so constant features give 0, not NaN.
+
+Under data parallelism CKA is *not* additive across ranks: the mean of per-rank CKAs is a biased,
+noisier estimate than the CKA of the global batch. ``linear_cka(..., distributed=True)`` gathers
+the rows of every rank first (``gather_with_grad``), so every rank computes the CKA of the global
+batch and gradients flow back to each rank's own rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from .errors import CircuitDistillError
+from .errors import ConfigError
 
 EPS = 1e-8
+_TINY = 1e-30  # keeps sqrt() differentiable at 0 (constant features)
 
 
 def _prep(x: torch.Tensor) -> torch.Tensor:
@@ -19,32 +26,123 @@ def _prep(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False, eps: float = EPS) -> torch.Tensor:
-    """Linear CKA of ``x [m, d1]`` and ``y [m, d2]`` (Kornblith et al. 2019), a differentiable scalar.
+def _check_rows(x: torch.Tensor, y: torch.Tensor, debiased: bool, what: str = "CKA") -> int:
+    if x.dim() < 1 or y.dim() < 1:
+        raise ConfigError(f"{what} needs matrices [m, d]; got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise ConfigError(
+            f"{what} needs the same number of rows (examples or tokens) in both matrices, got "
+            f"{x.shape[0]} and {y.shape[0]}; select the same positions of the same inputs in both models"
+        )
+    m = x.shape[0]
+    need = min_rows(debiased)
+    if m < need:
+        raise ConfigError(
+            f"{what} over {m} rows is undefined: the {'debiased' if debiased else 'biased'} estimator needs at "
+            f"least {need} rows (examples or tokens); use a larger batch or more positions (e.g. positions='all')"
+        )
+    return m
+
+
+def min_rows(debiased: bool = False) -> int:
+    """Smallest number of rows CKA is defined for: 2 (biased) or 4 (debiased, unbiased HSIC)."""
+    return 4 if debiased else 2
+
+
+# ---- distributed ----------------------------------------------------------------------------------
+
+def _dist_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 (ranks may hold different row counts); backward sums the gradient of the
+    gathered tensor over ranks and returns this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n)
+        sizes_l = [int(s.item()) for s in sizes]
+        biggest = max(sizes_l)
+        xc = x.contiguous()
+        if x.shape[0] < biggest:
+            pad = xc.new_zeros((biggest - x.shape[0], *x.shape[1:]))
+            xc = torch.cat([xc, pad], 0)
+        bufs = [torch.empty_like(xc) for _ in range(world)]
+        dist.all_gather(bufs, xc)
+        rank = dist.get_rank()
+        ctx.start = sum(sizes_l[:rank])
+        ctx.n = sizes_l[rank]
+        return torch.cat([b[:s] for b, s in zip(bufs, sizes_l)], 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start: ctx.start + ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x [n_rank, ...]`` of every rank along dim 0 -> ``[sum n_rank, ...]``, rank order.
+
+    Ranks may hold different numbers of rows (e.g. ``positions='all'`` with padding). Gradients reach
+    this rank's rows. Backward *sums* the gradient over ranks (like
+    ``torch.distributed.nn.functional.all_gather``): when every rank computes the same global loss and
+    DDP averages parameter gradients, the result is exactly the single-process gradient of that loss
+    on the global batch. A no-op when ``torch.distributed`` is not initialised or has one rank.
+    """
+    if not _dist_active():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+# ---- linear CKA -----------------------------------------------------------------------------------
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, *, distributed: bool = False,
+               eps: float = EPS) -> torch.Tensor:
+    """Linear CKA of ``x [m, d1]`` and ``y [m, d2]`` (Kornblith et al. 2019), a differentiable scalar in [0, 1].
 
     Biased: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc, Yc``.
-    ``debiased``: the same ratio of unbiased HSIC estimates (Song et al. 2012), needs m >= 4.
+    ``debiased``: the same ratio of unbiased HSIC estimates (Song et al. 2012), needs m >= 4 (it can
+    be slightly negative for unrelated features). ``distributed``: first gather the rows of every
+    rank (``gather_with_grad``), so the CKA is that of the global batch; ignored without
+    ``torch.distributed``. Raises ``ConfigError`` if there are too few rows.
     """
-    if x.shape[0] != y.shape[0]:
-        raise CircuitDistillError(f"CKA needs the same number of rows, got {x.shape[0]} and {y.shape[0]}")
-    m = x.shape[0]
-    need = 4 if debiased else 2
-    if m < need:
-        raise CircuitDistillError(
-            f"CKA over {m} rows is undefined: the {'debiased' if debiased else 'biased'} estimator needs at "
-            f"least {need} rows (examples or tokens); use a larger batch or more positions"
-        )
+    if distributed:
+        x, y = gather_with_grad(x), gather_with_grad(y)
+    _check_rows(x, y, debiased)
     x, y = _prep(x), _prep(y)
     if not debiased:
         x = x - x.mean(0, keepdim=True)
         y = y - y.mean(0, keepdim=True)
+        # CKA is scale-invariant: normalising first keeps fp32 Gram sums far from overflow
+        x = x / (x.norm() + eps)
+        y = y / (y.norm() + eps)
         hxy = (y.t() @ x).pow(2).sum()
-        hxx = (x.t() @ x).pow(2).sum().sqrt()
-        hyy = (y.t() @ y).pow(2).sum().sqrt()
+        hxx = (x.t() @ x).pow(2).sum().clamp_min(_TINY).sqrt()
+        hyy = (y.t() @ y).pow(2).sum().clamp_min(_TINY).sqrt()
         return hxy / (hxx * hyy + eps)
+    x = x / (x.norm() + eps)
+    y = y / (y.norm() + eps)
     kx, ky = x @ x.t(), y @ y.t()
-    hxy, hxx, hyy = _hsic_unbiased(kx, ky), _hsic_unbiased(kx, kx), _hsic_unbiased(ky, ky)
-    return hxy / ((hxx.clamp(min=0) * hyy.clamp(min=0)).sqrt() + eps)
+    return _cka_from_grams(kx, ky, debiased=True, eps=eps)
+
+
+def _cka_from_grams(kx: torch.Tensor, ky: torch.Tensor, *, debiased: bool, eps: float) -> torch.Tensor:
+    if debiased:
+        hxy, hxx, hyy = _hsic_unbiased(kx, ky), _hsic_unbiased(kx, kx), _hsic_unbiased(ky, ky)
+    else:
+        hxy, hxx, hyy = _hsic_biased(kx, ky), _hsic_biased(kx, kx), _hsic_biased(ky, ky)
+    return hxy / ((hxx.clamp_min(0) * hyy.clamp_min(0)).clamp_min(_TINY).sqrt() + eps)
+
+
+def _hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
+    """Biased HSIC ``tr(K H L H)`` of Gram matrices ``[m, m]``, up to the ``(m-1)^-2`` that cancels in CKA."""
+    kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    return (kc * l).sum()
 
 
 def _hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
@@ -55,3 +153,46 @@ def _hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E
     kl = k @ l
     term = torch.trace(kl) + k.sum() * l.sum() / ((m - 1) * (m - 2)) - 2 * kl.sum() / (m - 2)
     return term / (m * (m - 3))
+
+
+# ---- RBF CKA (evaluation) -------------------------------------------------------------------------
+
+def _rbf_gram(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    sq = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)  # [m, m], exact zeros on the diagonal
+    off = sq[~torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)]
+    med = off.median() if off.numel() else sq.new_tensor(0.0)
+    bandwidth2 = (sigma ** 2) * med
+    if float(bandwidth2) <= 0:  # all rows identical: constant kernel, CKA 0 by the epsilon
+        return torch.ones_like(sq)
+    return torch.exp(-sq / (2 * bandwidth2))
+
+
+def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.8, *, debiased: bool = False,
+            distributed: bool = False, eps: float = EPS) -> torch.Tensor:
+    """CKA with Gaussian (RBF) kernels of ``x [m, d1]`` and ``y [m, d2]``, for evaluation.
+
+    Kernel ``k(a, b) = exp(-||a - b||^2 / (2 (sigma * median_dist)^2))`` where ``median_dist^2`` is the
+    median squared distance between distinct rows (Kornblith et al. 2019's convention; ``sigma`` is a
+    fraction of the median distance). Builds ``[m, m]`` Gram matrices: memory is O(m^2).
+    """
+    if sigma <= 0:
+        raise ConfigError(f"rbf_cka: sigma must be > 0 (a fraction of the median distance), got {sigma}")
+    if distributed:
+        x, y = gather_with_grad(x), gather_with_grad(y)
+    _check_rows(x, y, debiased, what="RBF CKA")
+    x, y = _prep(x), _prep(y)
+    return _cka_from_grams(_rbf_gram(x, sigma), _rbf_gram(y, sigma), debiased=debiased, eps=eps)
+
+
+def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor], *, debiased: bool = False,
+               kernel: str = "linear", sigma: float = 0.8) -> torch.Tensor:
+    """Pairwise CKA ``[len(xs), len(ys)]`` of matrices ``xs[i] [m, d_i]`` and ``ys[j] [m, d_j]`` (no grad)."""
+    if kernel not in ("linear", "rbf"):
+        raise ConfigError(f"unknown CKA kernel {kernel!r}; use 'linear' or 'rbf'")
+    out = torch.zeros(len(xs), len(ys), dtype=torch.float64)
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            for j, y in enumerate(ys):
+                v = linear_cka(x, y, debiased) if kernel == "linear" else rbf_cka(x, y, sigma, debiased=debiased)
+                out[i, j] = float(v)
+    return out

@@ -1,0 +1,121 @@
+"""Distillation losses: pure functions of tensors, usable in any training loop.
+
+Everything is computed in float32 (float64 if given), whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..similarity import linear_cka
+
+Positions = Union[str, int, torch.Tensor]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``student_logits [n, V]`` against ``labels [n]`` (``ignore_index`` rows skipped)."""
+    if student_logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student_logits.shape[0]:
+        raise ConfigError(
+            f"ce_loss expects logits [n, V] and labels [n]; got {tuple(student_logits.shape)} and "
+            f"{tuple(labels.shape)} (select the answer position's logits first)"
+        )
+    return F.cross_entropy(_f32(student_logits), labels.long(), ignore_index=ignore_index)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Hinton distillation loss ``T^2 * KL(p_t || p_s)`` with ``p = softmax(logits / T)``, mean over rows.
+
+    ``student_logits``, ``teacher_logits``: ``[n, V]`` (same vocabulary). Gradients flow to the
+    student only (the teacher logits are detached).
+    """
+    if temperature <= 0:
+        raise ConfigError(f"kd_loss: temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ConfigError(
+            f"kd_loss expects student and teacher logits of the same shape [n, V]; got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)} (teacher and student must share "
+            "a tokenizer/vocabulary)"
+        )
+    log_ps = F.log_softmax(_f32(student_logits) / temperature, dim=-1)
+    log_pt = F.log_softmax(_f32(teacher_logits).detach() / temperature, dim=-1)
+    kl = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+def pair_ckas(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor], *,
+              debiased: bool = False, distributed: bool = False) -> torch.Tensor:
+    """Linear CKA of each pair: ``student_feats[i] [m, d_s]`` vs ``teacher_feats[i] [m, d_t]`` -> ``[n_pairs]``."""
+    if len(student_feats) != len(teacher_feats):
+        raise ConfigError(f"alignment needs as many student as teacher features, got {len(student_feats)} "
+                          f"and {len(teacher_feats)}")
+    if len(student_feats) == 0:
+        raise ConfigError("alignment needs at least one (student, teacher) pair; check the component map")
+    return torch.stack([
+        linear_cka(s, t.detach(), debiased, distributed=distributed) for s, t in zip(student_feats, teacher_feats)
+    ])
+
+
+def alignment_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor], *,
+                   debiased: bool = False, distributed: bool = False) -> torch.Tensor:
+    """Mean over pairs of ``1 - linear CKA(student_feats[i] [m, d_s], teacher_feats[i] [m, d_t])``.
+
+    Teacher features are detached. ``distributed``: CKA of the global batch across data-parallel
+    ranks (see ``similarity.gather_with_grad``).
+    """
+    return (1.0 - pair_ckas(student_feats, teacher_feats, debiased=debiased, distributed=distributed)).mean()
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row of ``attention_mask [b, s]`` -> ``[b]`` (left or right padding)."""
+    m = attention_mask.bool()
+    if not bool(m.any(1).all()):
+        raise ConfigError("a row of the attention mask has no real token")
+    s = m.shape[1]
+    return (s - 1 - m.flip(1).long().argmax(1)).long()
+
+
+def select_rows(acts: torch.Tensor, attention_mask: torch.Tensor | None, positions: Positions = "last") -> torch.Tensor:
+    """Rows for CKA from ``acts [b, s, d]`` -> ``[m, d]``.
+
+    ``positions``: ``"last"`` (last real token of each row: m = b), ``"all"`` (every non-padding
+    token, in row-major order: m = number of real tokens), an ``int`` (that index in every row), a
+    ``[b]`` LongTensor (one named position per row: m = b) or a ``[b, k]`` LongTensor (k positions
+    per row, flattened row-major: m = b * k; entries < 0 are skipped). ``attention_mask [b, s]``
+    (1 = real token) may be None when there is no padding.
+    """
+    if acts.dim() != 3:
+        raise ConfigError(f"select_rows expects activations [batch, seq, d], got shape {tuple(acts.shape)}")
+    b, s, _ = acts.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(b, s, dtype=torch.long, device=acts.device)
+    if tuple(attention_mask.shape) != (b, s):
+        raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} does not match activations [{b}, {s}, d]")
+    attention_mask = attention_mask.to(acts.device)
+    rows = torch.arange(b, device=acts.device)
+    if isinstance(positions, str):
+        if positions == "last":
+            return acts[rows, last_positions(attention_mask)]
+        if positions == "all":
+            return acts[attention_mask.bool()]
+        raise ConfigError(f"unknown positions {positions!r}: use 'last', 'all', or a LongTensor of positions [b] or [b, k]")
+    if isinstance(positions, int):
+        return acts[:, positions]
+    pos = torch.as_tensor(positions, device=acts.device).long()
+    if pos.shape[0] != b or pos.dim() not in (1, 2):
+        raise ConfigError(f"positions must be [b] or [b, k] with b = {b}, got shape {tuple(pos.shape)}")
+    if bool((pos >= s).any()) or (pos.dim() == 1 and bool((pos < 0).any())):
+        raise ConfigError(f"positions out of range for sequences of length {s} (got min {int(pos.min())}, "
+                          f"max {int(pos.max())})")
+    if pos.dim() == 1:
+        return acts[rows, pos]
+    keep = pos >= 0
+    return acts[rows[:, None].expand_as(pos)[keep], pos[keep]]
