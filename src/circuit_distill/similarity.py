@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .errors import ConfigError
 
 EPS = 1e-8
-_TINY = 1e-30  # keeps sqrt() differentiable at 0 (constant features)
+_TINY = 1e-30  # keeps sqrt() and division differentiable at 0 (constant features)
 
 
 def _prep(x: torch.Tensor) -> torch.Tensor:
@@ -103,56 +103,58 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, *, distributed: bool = False,
                eps: float = EPS) -> torch.Tensor:
-    """Linear CKA of ``x [m, d1]`` and ``y [m, d2]`` (Kornblith et al. 2019), a differentiable scalar in [0, 1].
+    """Linear CKA of ``x [m, d1]`` and ``y [m, d2]`` (Kornblith et al. 2019), a differentiable scalar.
 
-    Biased: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc, Yc``.
-    ``debiased``: the same ratio of unbiased HSIC estimates (Song et al. 2012), needs m >= 4 (it can
-    be slightly negative for unrelated features). ``distributed``: first gather the rows of every
-    rank (``gather_with_grad``), so the CKA is that of the global batch; ignored without
-    ``torch.distributed``. Raises ``ConfigError`` if there are too few rows.
+    Biased: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc, Yc``, in
+    [0, 1]; costs O(m d^2), fine for thousands of rows. ``debiased``: the same ratio of unbiased
+    HSIC estimates (Song et al. 2012; computed by U-centering the ``[m, m]`` Gram matrices), needs
+    m >= 4 and can be slightly negative for unrelated features. ``distributed``: first gather the
+    rows of every rank (``gather_with_grad``), so the CKA is that of the global batch; ignored
+    without ``torch.distributed``. Constant features give 0 (``eps`` guards the denominator; inputs
+    are scale-normalised first, so it never biases a non-degenerate value). Raises ``ConfigError``
+    if there are too few rows.
     """
     if distributed:
         x, y = gather_with_grad(x), gather_with_grad(y)
     _check_rows(x, y, debiased)
     x, y = _prep(x), _prep(y)
-    if not debiased:
-        x = x - x.mean(0, keepdim=True)
-        y = y - y.mean(0, keepdim=True)
-        # CKA is scale-invariant: normalising first keeps fp32 Gram sums far from overflow
-        x = x / (x.norm() + eps)
-        y = y / (y.norm() + eps)
-        hxy = (y.t() @ x).pow(2).sum()
-        hxx = (x.t() @ x).pow(2).sum().clamp_min(_TINY).sqrt()
-        hyy = (y.t() @ y).pow(2).sum().clamp_min(_TINY).sqrt()
-        return hxy / (hxx * hyy + eps)
-    x = x / (x.norm() + eps)
-    y = y / (y.norm() + eps)
-    kx, ky = x @ x.t(), y @ y.t()
-    return _cka_from_grams(kx, ky, debiased=True, eps=eps)
+    # Centring changes neither estimator; with unit-norm inputs, fp32 sums stay far from overflow.
+    x = _unit(x - x.mean(0, keepdim=True))
+    y = _unit(y - y.mean(0, keepdim=True))
+    if debiased:
+        return _cka_from_grams(x @ x.t(), y @ y.t(), debiased=True, eps=eps)
+    hxy = (y.t() @ x).pow(2).sum()
+    hxx = (x.t() @ x).pow(2).sum().clamp_min(_TINY).sqrt()
+    hyy = (y.t() @ y).pow(2).sum().clamp_min(_TINY).sqrt()
+    return hxy / (hxx * hyy).clamp_min(eps)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm().clamp_min(_TINY)
+
+
+def _center(k: torch.Tensor) -> torch.Tensor:
+    """``H K H`` with ``H = I - 11^T / m``."""
+    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+
+def _u_center(k: torch.Tensor) -> torch.Tensor:
+    """U-centred Gram matrix (Szekely & Rizzo 2014): ``<U(K), U(L)> / (m (m - 3))`` is the unbiased HSIC."""
+    m = k.shape[0]
+    eye = torch.eye(m, dtype=torch.bool, device=k.device)
+    k = k.masked_fill(eye, 0)
+    means = k.sum(0) / (m - 2)
+    means = means - means.sum() / (2 * (m - 1))
+    return (k - means[:, None] - means[None, :]).masked_fill(eye, 0)
 
 
 def _cka_from_grams(kx: torch.Tensor, ky: torch.Tensor, *, debiased: bool, eps: float) -> torch.Tensor:
-    if debiased:
-        hxy, hxx, hyy = _hsic_unbiased(kx, ky), _hsic_unbiased(kx, kx), _hsic_unbiased(ky, ky)
-    else:
-        hxy, hxx, hyy = _hsic_biased(kx, ky), _hsic_biased(kx, kx), _hsic_biased(ky, ky)
-    return hxy / ((hxx.clamp_min(0) * hyy.clamp_min(0)).clamp_min(_TINY).sqrt() + eps)
-
-
-def _hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
-    """Biased HSIC ``tr(K H L H)`` of Gram matrices ``[m, m]``, up to the ``(m-1)^-2`` that cancels in CKA."""
-    kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
-    return (kc * l).sum()
-
-
-def _hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
-    """Unbiased HSIC of Gram matrices ``[m, m]`` (Song et al. 2012), up to a constant that cancels in CKA."""
-    m = k.shape[0]
-    k = k - torch.diag_embed(torch.diagonal(k))
-    l = l - torch.diag_embed(torch.diagonal(l))  # noqa: E741
-    kl = k @ l
-    term = torch.trace(kl) + k.sum() * l.sum() / ((m - 1) * (m - 2)) - 2 * kl.sum() / (m - 2)
-    return term / (m * (m - 3))
+    """CKA of Gram matrices ``[m, m]``: the cosine of their (U-)centred versions."""
+    kc, lc = (_u_center(kx), _u_center(ky)) if debiased else (_center(kx), _center(ky))
+    kc, lc = _unit(kc), _unit(lc)  # the HSIC normalisers cancel: CKA is a cosine
+    hxx = kc.pow(2).sum().clamp_min(_TINY).sqrt()
+    hyy = lc.pow(2).sum().clamp_min(_TINY).sqrt()
+    return (kc * lc).sum() / (hxx * hyy).clamp_min(eps)
 
 
 # ---- RBF CKA (evaluation) -------------------------------------------------------------------------
