@@ -1,0 +1,84 @@
+"""Greater-than (Hanna et al. 2023).
+
+    "The war lasted from the year 1732 to the year 17" -> "45" (any two digits above 32)
+
+The start year is century ``XX`` and two digits ``YY`` (02 .. 98); the prompt ends with the
+century again and the model should continue with two digits above ``YY``. The answer is one such
+valid continuation (drawn at random above ``YY``), the wrong answer one below it; ``metadata``
+holds the start year so ``P(> YY)`` can be computed from the full distribution.
+
+``year_format``: ``"joined"`` writes years as one word ("1732", "to the year 17" -> "45", no
+space: the GPT-2 tokenizer splits "1732" into "17" + "32"); ``"split"`` writes "17 32" (for
+word-level tokenizers, which keep "1732" whole); ``"auto"`` (default) uses ``joined`` when the
+tokenizer splits every year used into century + two digits and ``split`` otherwise.
+
+Named positions: ``start_century`` and ``start_yy`` (the start year's two parts), ``end_century``
+(the final century, also ``last``). The corrupted prompt starts at ``XX01`` (Hanna et al.), where
+every continuation but 00 and 01 is greater, so it has no corrupted answer.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..errors import TaskError
+from .base import TaskData
+from .build import Example, build_task_data
+from .registry import register_task
+
+NOUNS: tuple[str, ...] = ("war", "expedition", "drought", "famine", "reign", "project", "contract", "journey",
+                          "strike", "siege", "voyage", "dynasty")
+CENTURIES: tuple[int, ...] = (11, 12, 13, 14, 15, 16, 17)
+TEMPLATE = "The {noun} lasted from the year {start} to the year {cc}"
+FORMATS = ("auto", "joined", "split")
+
+
+def vocabulary(**_) -> list[str]:
+    """Every word a ``greater_than`` prompt or answer can contain (for a word-level tokenizer)."""
+    return (["The", "lasted", "from", "the", "year", "to"] + list(NOUNS) + [str(c) for c in CENTURIES]
+            + [f"{y:02d}" for y in range(100)])
+
+
+def _splits_years(tokenizer) -> bool:
+    for c in CENTURIES:
+        want = tokenizer(f" {c}", add_special_tokens=False)["input_ids"]
+        for y in range(100):
+            ids = tokenizer(f" {c}{y:02d}", add_special_tokens=False)["input_ids"]
+            if len(want) != 1 or ids[:1] != want or len(ids) != 2 or ids[1:] != tokenizer(
+                    f"{y:02d}", add_special_tokens=False)["input_ids"]:
+                return False
+    return True
+
+
+def _prompt(noun: str, cc: int, yy: int, joined: bool) -> tuple[str, dict[str, int]]:
+    start = f"{cc}{yy:02d}" if joined else f"{cc} {yy:02d}"
+    text = TEMPLATE.format(noun=noun, start=start, cc=cc)
+    s = text.index(" from the year ") + len(" from the year ")
+    return text, {"start_century": s, "start_yy": s + (2 if joined else 3), "end_century": len(text) - 2}
+
+
+def _example(rng: random.Random, joined: bool) -> Example:
+    noun, cc, yy = rng.choice(NOUNS), rng.choice(CENTURIES), rng.randint(2, 98)
+    prompt, pos = _prompt(noun, cc, yy, joined)
+    c_prompt, c_pos = _prompt(noun, cc, 1, joined)
+    sep = "" if joined else " "
+    good, bad = rng.randint(yy + 1, 99), rng.randint(0, yy - 1)
+    return Example(prompt=prompt, answer=f"{sep}{good:02d}", wrong_answer=f"{sep}{bad:02d}",
+                   corrupted_prompt=c_prompt, positions=pos, corrupted_positions=c_pos,
+                   metadata={"noun": noun, "century": cc, "start_yy": yy, "answer_yy": good, "wrong_yy": bad,
+                             "year_format": "joined" if joined else "split"})
+
+
+@register_task("greater_than", vocabulary=vocabulary)
+def greater_than(tokenizer, n: int, *, seed: int = 0, year_format: str = "auto",
+                 first_token: bool = False) -> TaskData:
+    """``n`` greater-than prompts (see the module docstring)."""
+    if year_format not in FORMATS:
+        raise TaskError(f"greater_than: year_format must be one of {FORMATS}, got {year_format!r}")
+    joined = _splits_years(tokenizer) if year_format == "auto" else year_format == "joined"
+    rng = random.Random(seed)
+    examples = [_example(rng, joined) for _ in range(n)]
+    reference = [_example(rng, joined).prompt for _ in range(n)]
+    return build_task_data("greater_than", tokenizer, examples, reference, first_token=first_token,
+                           options={"year_format": "joined" if joined else "split", "first_token": first_token,
+                                    "seed": seed})
