@@ -1,0 +1,164 @@
+"""Matching rules by hand: ablation (ties, many-to-one), hungarian, cka, random; JSON io and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from circuit_distill import Component
+from circuit_distill.cli import main
+from circuit_distill.errors import ConfigError
+from circuit_distill.matching import ComponentMap, circuit_from_obj, effects_from_obj, match
+
+C = Component.parse
+
+TEACHER = {"L0.H0": 0.10, "L0.H3": 0.50, "L1.H1": 0.30, "L2.H2": 0.30}
+STUDENT = {"L0.H1": 0.45, "L1.H0": 0.12, "L1.H2": 0.31, "L1.H3": 0.0}
+
+
+def _pairs(cmap):
+    return [(str(s), str(t)) for s, t in cmap.pairs]
+
+
+def test_ablation_rule_by_hand():
+    cmap = match(TEACHER, STUDENT, list(TEACHER), list(STUDENT), "ablation")
+    # L0.H1 0.45 -> 0.50 (L0.H3); L1.H0 0.12 -> 0.10 (L0.H0); L1.H2 0.31 -> tie 0.30 L1.H1 / L2.H2 -> L1.H1
+    # (earliest in forward order); L1.H3 0.0 -> 0.10 (L0.H0): many-to-one
+    assert _pairs(cmap) == [("L0.H1", "L0.H3"), ("L1.H0", "L0.H0"), ("L1.H2", "L1.H1"), ("L1.H3", "L0.H0")]
+    assert cmap.distances == pytest.approx([0.05, 0.02, 0.01, 0.10])
+    q = cmap.quality()
+    assert q["n_teacher_distinct"] == 3 and q["max_teacher_reuse"] == 2 and q["n_ties"] == 1
+    assert q["most_used_teacher"] == "L0.H0" and not q["degenerate"]
+    assert cmap.student_components == [C("L0.H1"), C("L1.H0"), C("L1.H2"), C("L1.H3")]
+    assert cmap.teacher_for("L1.H3") == C("L0.H0")
+
+
+def test_tie_break_ignores_input_order():
+    te = {"L3.H0": 0.2, "L1.H5": 0.4, "L0.H7": 0.2}
+    cmap = match(te, {"L0.H0": 0.3}, list(te), ["L0.H0"], "ablation")  # 0.2 and 0.4 tie too (|0.1|)
+    assert _pairs(cmap) == [("L0.H0", "L0.H7")]
+    cmap = match(te, {"L0.H0": 0.2}, list(te)[::-1], ["L0.H0"], "ablation")
+    assert _pairs(cmap) == [("L0.H0", "L0.H7")]
+
+
+def test_degenerate_map_is_flagged():
+    te = {"L0.H0": 0.0, "L1.H0": 0.6, "L1.H1": 0.4}
+    se = {"L0.H0": 0.01, "L0.H1": 0.0, "L1.H0": 0.02}  # a weak student: every effect near zero
+    cmap = match(te, se, list(te), list(se), "ablation")
+    assert set(cmap.teacher_components) == {C("L0.H0")}
+    assert cmap.quality()["degenerate"] and cmap.quality()["n_teacher_distinct"] == 1
+
+
+def test_hungarian_one_to_one():
+    te = {"L0.H0": 0.0, "L1.H0": 0.6, "L1.H1": 0.4}
+    se = {"L0.H0": 0.01, "L0.H1": 0.0, "L1.H0": 0.02}
+    cmap = match(te, se, list(te), list(se), "hungarian")
+    assert len(set(cmap.teacher_components)) == 3  # one-to-one
+    # by hand over the 6 permutations: L0.H1 (0.0) -> L0.H0 (0.0), the other two to 0.4 / 0.6 in either
+    # order: total 0.97 both ways; every other permutation costs more (e.g. 0.01 + 0.40 + 0.58 = 0.99)
+    assert sum(cmap.distances) == pytest.approx(0.97)
+    assert cmap.teacher_for("L0.H1") == C("L0.H0")
+
+
+def test_hungarian_more_students_than_teachers_is_balanced():
+    te = {"L0.H0": 0.1, "L0.H1": 0.9}
+    se = {"L0.H0": 0.1, "L0.H1": 0.11, "L0.H2": 0.12, "L0.H3": 0.8}
+    cmap = match(te, se, list(te), list(se), "hungarian")
+    uses = [cmap.teacher_components.count(C(t)) for t in te]
+    assert uses == [2, 2]  # ceil(4 / 2) = 2 uses per teacher head at most; every student matched
+    assert len(cmap) == 4 and cmap.info["max_uses_per_teacher"] == 2
+    abl = match(te, se, list(te), list(se), "ablation")
+    assert [cmap.teacher_components.count(C(t)) for t in te] != [abl.teacher_components.count(C(t)) for t in te]
+
+
+def test_cka_matching():
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(32, 8, generator=g) for _ in range(3)]
+    teacher_acts = {"L0.H0": base[0], "L0.H1": base[1], "L1.H0": base[2]}
+    rot = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    student_acts = {"L0.H0": base[2] @ rot, "L0.H1": 2 * base[0][:, :6], "L0.H2": base[2] + 1.0}
+    cmap = match(None, None, list(teacher_acts), list(student_acts), "cka",
+                 teacher_acts=teacher_acts, student_acts=student_acts)
+    assert _pairs(cmap) == [("L0.H0", "L1.H0"), ("L0.H1", "L0.H0"), ("L0.H2", "L1.H0")]
+    assert cmap.distances[0] == pytest.approx(0.0, abs=1e-6) and cmap.distances[2] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < cmap.distances[1] < 0.5
+    with pytest.raises(ConfigError, match="teacher_acts"):
+        match(None, None, list(teacher_acts), list(student_acts), "cka")
+
+
+def test_random_is_seeded_and_reproducible():
+    te = {f"L{i}.H{j}": 0.1 * i for i in range(3) for j in range(4)}
+    se = {f"L0.H{j}": 0.0 for j in range(6)}
+    a = match(te, se, list(te), list(se), "random", seed=3)
+    b = match(te, se, list(te)[::-1], list(se), "random", seed=3)
+    c = match(te, se, list(te), list(se), "random", seed=4)
+    assert a.pairs == b.pairs  # circuits are sorted first: input order does not matter
+    assert a.pairs != c.pairs
+    assert all(t in {C(k) for k in te} for t in a.teacher_components)
+    assert all(math.isfinite(d) for d in a.distances)  # effects given: distances known
+    d = match(None, None, list(te), list(se), "random", seed=3)
+    assert d.pairs == a.pairs and all(math.isnan(x) for x in d.distances)
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="unknown matching method"):
+        match(TEACHER, STUDENT, list(TEACHER), list(STUDENT), "nearest")
+    with pytest.raises(ConfigError, match="L5.H0"):
+        match(TEACHER, STUDENT, list(TEACHER) + ["L5.H0"], list(STUDENT), "ablation")
+    with pytest.raises(ConfigError, match="non-empty"):
+        match(TEACHER, STUDENT, [], list(STUDENT))
+
+
+def test_circuit_object_with_components_attribute():
+    class Circuit:
+        components = [C("L1.H1"), C("L0.H3")]
+
+    cmap = match(TEACHER, STUDENT, Circuit(), ["L1.H0"], "ablation")
+    assert _pairs(cmap) == [("L1.H0", "L1.H1")]  # 0.12 -> 0.30 beats 0.50; L0.H0 not in the circuit
+
+
+def test_json_round_trip(tmp_path):
+    cmap = match(TEACHER, STUDENT, list(TEACHER), list(STUDENT), "random", seed=7)
+    path = cmap.to_json(tmp_path / "sub" / "map.json")
+    back = ComponentMap.from_json(path)
+    assert back.pairs == cmap.pairs and back.distances == pytest.approx(cmap.distances)
+    assert back.method == "random" and back.seed == 7
+    nan_map = ComponentMap([("L0.H0", "L1.H1")])
+    assert json.loads(json.dumps(nan_map.to_dict()))["pairs"][0]["distance"] is None
+    assert ComponentMap.from_dict({"L0.H0": "L1.H1"}).pairs == [(C("L0.H0"), C("L1.H1"))]
+    with pytest.raises(ConfigError):
+        ComponentMap.from_json(tmp_path / "missing.json")
+
+
+def test_liberal_readers():
+    assert effects_from_obj({"L0.H1": 0.5}) == {C("L0.H1"): 0.5}
+    assert effects_from_obj({"L0.H1": {"p_correct": 0.5, "accuracy": 0.2}}, metric="accuracy") == {C("L0.H1"): 0.2}
+    assert effects_from_obj({"effects": {"accuracy": {"L0.H1": 0.2}}}, metric="accuracy") == {C("L0.H1"): 0.2}
+    rows = {"metric": "p_correct", "results": [{"component": "L0.H1", "effect": 0.3, "seconds": 2}]}
+    assert effects_from_obj(rows) == {C("L0.H1"): 0.3}
+    with pytest.raises(ConfigError, match="unrecognised"):
+        effects_from_obj({"foo": 1})
+    assert circuit_from_obj({"components": ["L1.H2", "L0.H1"], "scores": {}}) == [C("L0.H1"), C("L1.H2")]
+    assert circuit_from_obj(["L1.H2"]) == [C("L1.H2")]
+    assert circuit_from_obj({"L1.H2": 0.3, "L0.H0": 0.1}) == [C("L0.H0"), C("L1.H2")]
+
+
+def test_cli(tmp_path, capsys):
+    (tmp_path / "te.json").write_text(json.dumps({"effects": TEACHER}))
+    (tmp_path / "se.json").write_text(json.dumps(STUDENT))
+    (tmp_path / "tc.json").write_text(json.dumps({"components": list(TEACHER)}))
+    (tmp_path / "sc.json").write_text(json.dumps({"components": list(STUDENT)}))
+    out = tmp_path / "map.json"
+    rc = main(["match", "--teacher-effects", str(tmp_path / "te.json"), "--student-effects", str(tmp_path / "se.json"),
+               "--teacher-circuit", str(tmp_path / "tc.json"), "--student-circuit", str(tmp_path / "sc.json"),
+               "--method", "ablation", "--out", str(out)])
+    assert rc == 0
+    cmap = ComponentMap.from_json(out)
+    assert _pairs(cmap) == [("L0.H1", "L0.H3"), ("L1.H0", "L0.H0"), ("L1.H2", "L1.H1"), ("L1.H3", "L0.H0")]
+    assert "3 distinct teacher heads of 4" in capsys.readouterr().out
+    rc = main(["match", "--teacher-effects", str(tmp_path / "missing.json"), "--student-effects",
+               str(tmp_path / "se.json"), "--out", str(out)])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
