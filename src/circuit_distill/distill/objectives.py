@@ -19,6 +19,7 @@ The total is always ``CE + KD + lam * mean_pairs(1 - CKA)`` over the terms the o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -89,10 +90,10 @@ def objective_names() -> list[str]:
 
 
 def get_objective(name: str | Objective) -> Objective:
-    """The objective called ``name`` (case and spaces ignored; ``rand`` = ``random``)."""
+    """The objective called ``name`` (case-insensitive; ``"CE + Align CKA"`` works; ``rand`` = ``random``)."""
     if isinstance(name, Objective):
         return name
-    key = str(name).strip().lower().replace(" ", "")
+    key = re.sub(r"\s+", "_", re.sub(r"\s*\+\s*", "+", str(name).strip().lower())).replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
