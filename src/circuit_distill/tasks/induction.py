@@ -51,6 +51,21 @@ def _words(words: list[str] | None, vocab_size: int, split: str | None) -> list[
     return items[0::2] if split == "train" else items[1::2]
 
 
+def tokenizer_words(tokenizer, count: int) -> list[str]:
+    """The first ``count`` alphabetic words (by token id) that ``tokenizer`` keeps as one token
+    after a space -- a word pool for subword tokenizers, where ``w17`` would split."""
+    out: list[str] = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        word = text[1:]
+        if text.startswith(" ") and word.isalpha() and word.isascii() and len(word) > 1 \
+                and tokenizer(text, add_special_tokens=False)["input_ids"] == [i]:
+            out.append(word)
+            if len(out) == count:
+                break
+    return out
+
+
 def vocabulary(*, words: list[str] | None = None, vocab_size: int = 64, split: str | None = None,
                **_) -> list[str]:
     """Every word an ``induction`` prompt or answer can contain (for a word-level tokenizer)."""
@@ -105,16 +120,20 @@ def _example(rng: random.Random, pool: list[str], seq_len: int, seg_min: int, se
 
 
 @register_task("induction", vocabulary=vocabulary)
-def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | None = None, vocab_size: int = 64,
+def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None = None, vocab_size: int = 64,
               seq_len: int = 24, segment_len: int | tuple[int, int] = (3, 8), corruption: str = "answer",
               split: str | None = None, first_token: bool = False) -> TaskData:
     """``n`` induction prompts of ``seq_len`` words each (see the module docstring).
 
     ``words`` is the word pool (default ``numbered_vocabulary(vocab_size)``: ``w0 .. wK``, which a
-    ``word_level_tokenizer`` over the same list keeps whole); ``segment_len`` an int or an
+    ``word_level_tokenizer`` over the same list keeps whole), or ``"from_tokenizer"``: the first
+    ``vocab_size`` alphabetic words the tokenizer keeps whole after a space (for BPE tokenizers,
+    which split ``w17``); ``segment_len`` an int or an
     inclusive ``(min, max)`` range; ``split`` ``"train"``/``"test"`` uses disjoint halves of the
     pool; ``first_token`` scores only the first token of multi-token answers.
     """
+    if words == "from_tokenizer":
+        words = tokenizer_words(tokenizer, vocab_size)
     pool = _words(words, vocab_size, split)
     seg_min, seg_max = (segment_len, segment_len) if isinstance(segment_len, int) else tuple(segment_len)
     if not 2 <= seg_min <= seg_max:

@@ -1,6 +1,8 @@
 """Numeral sequence continuation (the Distilled Circuits case study).
 
-    "1 2 3 4" -> " 5"        "three four five six" -> " seven"
+    " 1 2 3 4" -> " 5"        " three four five six" -> " seven"
+
+Every term, the first included, follows a space, so a subword tokenizer encodes each the same way.
 
 ``style="digits"`` writes numbers as digits, ``"words"`` as English number words (up to twenty);
 ``step`` is the increment and ``length`` the number of terms shown (an int or an inclusive
@@ -49,10 +51,10 @@ def vocabulary(*, style: str = "digits", max_value: int | None = None, **_) -> l
 def _seq(start: int, k: int, step: int, style: str) -> tuple[str, dict[str, int], str]:
     terms = [_say(start + i * step, style) for i in range(k)]
     starts, pos = [], 0
-    for t in terms:
-        starts.append(pos)
+    for t in terms:  # every term after a space, so subword tokenizers split the first like the rest
+        starts.append(pos + 1)
         pos += len(t) + 1
-    return " ".join(terms), {"first": starts[0], "prev": starts[-2]}, " " + terms[-1]
+    return "".join(" " + t for t in terms), {"first": starts[0], "prev": starts[-2]}, " " + terms[-1]
 
 
 def _example(rng: random.Random, style: str, top: int, lo: int, hi: int, step: int) -> Example:
