@@ -141,6 +141,14 @@ def test_liberal_readers():
     assert effects_from_obj(rows) == {C("L0.H1"): 0.3}
     with pytest.raises(ConfigError, match="unrecognised"):
         effects_from_obj({"foo": 1})
+    # the discovery sweep's to_dict: dP = clean - ablated (not the ablated value itself)
+    sweep = {"clean": {"answer_prob": 0.8, "accuracy": 1.0},
+             "ablated": {"L0.H1": {"answer_prob": 0.5, "accuracy": 0.75}, "L1.H0": {"answer_prob": 0.8, "accuracy": 1.0}},
+             "method": "mean", "seconds": 1.0}
+    assert effects_from_obj(sweep) == pytest.approx({C("L0.H1"): 0.3, C("L1.H0"): 0.0})
+    assert effects_from_obj(sweep, metric="accuracy") == {C("L0.H1"): 0.25, C("L1.H0"): 0.0}
+    with pytest.raises(ConfigError, match="answer_prob"):
+        effects_from_obj(sweep, metric="logit_diff")
     assert circuit_from_obj({"components": ["L1.H2", "L0.H1"], "scores": {}}) == [C("L0.H1"), C("L1.H2")]
     assert circuit_from_obj(["L1.H2"]) == [C("L1.H2")]
     assert circuit_from_obj({"L1.H2": 0.3, "L0.H0": 0.1}) == [C("L0.H0"), C("L1.H2")]

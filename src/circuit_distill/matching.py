@@ -285,6 +285,7 @@ def match(teacher_effects: Mapping[Component, float] | None, student_effects: Ma
 
 # ---- liberal JSON readers (effects and circuits from the discovery stage or by hand) -------------
 
+DEFAULT_METRIC = "answer_prob"  # the discovery sweep's default performance measure
 _VALUE_KEYS = ("effect", "delta", "dP", "dp", "value", "score", "mean")
 _LIST_KEYS = ("effects", "results", "rows", "scores", "components", "heads")
 
@@ -314,11 +315,14 @@ def _pick_value(v, metric: str | None, where: str) -> float:
 def effects_from_obj(obj, metric: str | None = None, where: str = "effects") -> dict[Component, float]:
     """Read ``{component: dP}`` from the shapes the discovery stage or a user may write.
 
-    Accepted: ``{"L0.H1": 0.3, ...}``; ``{"L0.H1": {"p_correct": 0.3, "accuracy": 0.1}}`` (pick
+    Accepted: a ``SweepResult.to_dict()`` (``{"clean": {metric: P}, "ablated": {comp: {metric: P_abl}}}``:
+    ``dP = clean - ablated`` for ``metric``, default ``answer_prob``); ``{"L0.H1": 0.3, ...}``; ``{"L0.H1": {"p_correct": 0.3, "accuracy": 0.1}}`` (pick
     ``metric``); ``{"effects": ...}`` / ``{"<metric>": {...}}`` wrappers; lists of records
     ``[{"component": "L0.H1", "effect": 0.3}, ...]`` (also under ``results``/``rows``/``scores``).
     """
     if isinstance(obj, Mapping):
+        if isinstance(obj.get("clean"), Mapping) and isinstance(obj.get("ablated"), Mapping):
+            return _effects_from_sweep(obj, metric, where)
         if obj and all(_is_component(k) for k in obj):
             return {Component.parse(k): _pick_value(v, metric, where) for k, v in obj.items()}
         if metric and metric in obj and isinstance(obj[metric], (Mapping, list)):
@@ -345,6 +349,21 @@ def effects_from_obj(obj, metric: str | None = None, where: str = "effects") -> 
         f"{where}: unrecognised effects format. Write a JSON object {{\"L0.H1\": 0.12, ...}} (ablation effect "
         "dP per component), or a list of {\"component\": ..., \"effect\": ...} records"
     )
+
+
+def _effects_from_sweep(obj: Mapping, metric: str | None, where: str) -> dict[Component, float]:
+    """``dP = clean[metric] - ablated[comp][metric]`` from a ``SweepResult.to_dict()``."""
+    clean = obj["clean"]
+    if metric is None:
+        metric = DEFAULT_METRIC if DEFAULT_METRIC in clean else (next(iter(clean)) if len(clean) == 1 else None)
+    if metric is None or metric not in clean:
+        raise ConfigError(f"{where}: choose the effect metric (--metric / metric=) among {', '.join(clean)}")
+    out = {}
+    for k, v in obj["ablated"].items():
+        if metric not in v:
+            raise ConfigError(f"{where}: component {k} has no {metric!r} value")
+        out[Component.parse(k)] = float(clean[metric]) - float(v[metric])
+    return out
 
 
 def circuit_from_obj(obj, where: str = "circuit") -> list[Component]:
