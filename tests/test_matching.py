@@ -32,6 +32,7 @@ def test_ablation_rule_by_hand():
     q = cmap.quality()
     assert q["n_teacher_distinct"] == 3 and q["max_teacher_reuse"] == 2 and q["n_ties"] == 1
     assert q["most_used_teacher"] == "L0.H0" and not q["degenerate"]
+    assert q["teacher_uses"] == {"L0.H0": 2, "L0.H3": 1, "L1.H1": 1}
     assert cmap.student_components == [C("L0.H1"), C("L1.H0"), C("L1.H2"), C("L1.H3")]
     assert cmap.teacher_for("L1.H3") == C("L0.H0")
 
@@ -170,3 +171,20 @@ def test_cli(tmp_path, capsys):
     rc = main(["match", "--teacher-effects", str(tmp_path / "missing.json"), "--student-effects",
                str(tmp_path / "se.json"), "--out", str(out)])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_cli_cka_with_activation_files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {"L0.H0": torch.randn(16, 4, generator=g), "L1.H1": torch.randn(16, 4, generator=g)}
+    s = {"L0.H2": t["L1.H1"] * 2, "L1.H0": t["L0.H0"] + 0.01 * torch.randn(16, 4, generator=g)}
+    torch.save(t, tmp_path / "t.pt")
+    from safetensors.torch import save_file
+
+    save_file(s, str(tmp_path / "s.safetensors"))
+    (tmp_path / "tc.json").write_text(json.dumps(list(t)))
+    (tmp_path / "sc.json").write_text(json.dumps({"components": list(s)}))
+    rc = main(["match", "--method", "cka", "--teacher-acts", str(tmp_path / "t.pt"), "--student-acts",
+               str(tmp_path / "s.safetensors"), "--teacher-circuit", str(tmp_path / "tc.json"),
+               "--student-circuit", str(tmp_path / "sc.json"), "--out", str(tmp_path / "m.json")])
+    assert rc == 0
+    assert _pairs(ComponentMap.from_json(tmp_path / "m.json")) == [("L0.H2", "L1.H1"), ("L1.H0", "L0.H0")]

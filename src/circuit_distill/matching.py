@@ -102,6 +102,7 @@ class ComponentMap:
             "mean_distance": sum(finite) / len(finite) if finite else None,
             "max_distance": max(finite) if finite else None,
             "degenerate": n > 1 and len(uses) == 1,
+            "teacher_uses": {str(t): k for t, k in sorted(uses.items())},
         }
         for k in ("n_teacher_circuit", "n_ties", "unmatched_students"):
             if k in self.info:

@@ -11,6 +11,11 @@ weight outside the slices stays bit-for-bit unchanged (Adam's update of an entry
 was always zero is exactly zero). Fully frozen parameters get ``requires_grad=False`` and no
 gradient, which every torch optimizer skips.
 
+Limits: the masks address the original (unflattened) parameters, so use them on one device or under
+DDP (``accelerate`` multi-GPU), not with FSDP/DeepSpeed ZeRO-3 flat parameters (use ``attention``,
+``all`` or ``lora`` there). Moving the model (``.to(device)``) after ``set_trainable`` is fine;
+changing its dtype afterwards loses the bit-exact guarantee (the snapshot is cast).
+
 Counts are exact: ``count`` is the number of scalar parameters that can change (overlapping slices
 counted once), ``total`` every parameter of the model (LoRA: including the adapters).
 """
@@ -75,8 +80,10 @@ class TrainableInfo:
         """Copy the frozen entries of partly-trainable parameters back (undoes weight decay on them)."""
         for name, snap in self._frozen_snapshot.items():
             p, mask = self._params[name], self.masks[name]
-            mask = mask.to(p.device)
-            p.copy_(torch.where(mask, p, snap.to(device=p.device, dtype=p.dtype)))
+            if mask.device != p.device or snap.device != p.device or snap.dtype != p.dtype:
+                mask = self.masks[name] = mask.to(p.device)
+                snap = self._frozen_snapshot[name] = snap.to(device=p.device, dtype=p.dtype)
+            p.copy_(torch.where(mask, p, snap))
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Run ``restore_frozen`` after every ``optimizer.step()``; returns the hook handle."""
@@ -123,9 +130,11 @@ def _attention_params(hf: nn.Module, arch) -> dict[str, nn.Parameter]:
     return out
 
 
-def _mask_hook(mask: torch.Tensor):
+def _mask_hook(info: TrainableInfo, name: str):
     def hook(g: torch.Tensor) -> torch.Tensor:
-        m = mask if mask.device == g.device else mask.to(g.device)
+        m = info.masks[name]
+        if m.device != g.device:  # the model moved after set_trainable: move the mask once
+            m = info.masks[name] = m.to(g.device)
         return torch.where(m, g, torch.zeros((), dtype=g.dtype, device=g.device))
     return hook
 
@@ -198,7 +207,7 @@ def set_trainable(model, subset: str = "matched_heads", heads: Iterable[Componen
             count += p.numel()
         else:
             count += int(m.sum())
-            info._handles.append(p.register_hook(_mask_hook(m)))
+            info._handles.append(p.register_hook(_mask_hook(info, name)))
             info._frozen_snapshot[name] = p.detach().clone()
     info.count = count
     return info
