@@ -1,0 +1,199 @@
+"""``compare(teacher, student, task_data)``: influence, matching, alignment score and robustness of a
+teacher/student pair on one task, as one JSON-serialisable ``Comparison``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CircuitDistillError, ConfigError
+from ..model.components import Component
+from ..tasks.base import TaskData
+from .alignment import (
+    DIRECTIONS,
+    SIMILARITIES,
+    Pair,
+    align,
+    influence,
+    layer_cka,
+    match_components,
+    similarity_table,
+)
+from .robustness import Robustness, brittleness_slope, compression, drops, robustness
+
+
+@dataclass
+class Comparison:
+    """The result of ``compare``.
+
+    ``teacher_sweep`` / ``student_sweep``: the single-component ablation sweeps (``SweepResult``);
+    ``*_influence`` and ``*_drop``: per component, from ``metric``; ``pairs``: the matched pair table;
+    ``alignment``: the score A; ``*_robustness``: drop summaries; ``compression`` C and the
+    brittleness slopes of mean drop and severity; ``layer_cka``: ``[teacher layers, student layers]``
+    linear CKA of residual outputs; ``*_shape``: ``(n_layers, n_heads)`` of each model.
+    """
+
+    teacher_name: str
+    student_name: str
+    task: str
+    n_examples: int
+    metric: str
+    ablation: str
+    similarity: str
+    direction: str
+    kinds: tuple[str, ...]
+    teacher_shape: tuple[int, int]
+    student_shape: tuple[int, int]
+    teacher_params: int
+    student_params: int
+    teacher_sweep: object
+    student_sweep: object
+    teacher_influence: dict[Component, float]
+    student_influence: dict[Component, float]
+    teacher_drop: dict[Component, float]
+    student_drop: dict[Component, float]
+    pairs: list[Pair]
+    alignment: float
+    alignment_by_kind: dict[str, float]
+    teacher_robustness: Robustness
+    student_robustness: Robustness
+    compression: float
+    brittleness: dict[str, float]
+    layer_cka: list[list[float]]
+    position: str = "last"
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        def comp_map(d):
+            return {str(c): float(v) for c, v in sorted(d.items())}
+
+        return {
+            "teacher": self.teacher_name, "student": self.student_name, "task": self.task,
+            "n_examples": self.n_examples, "metric": self.metric, "ablation": self.ablation,
+            "similarity": self.similarity, "direction": self.direction, "kinds": list(self.kinds),
+            "position": self.position,
+            "teacher_shape": list(self.teacher_shape), "student_shape": list(self.student_shape),
+            "teacher_params": self.teacher_params, "student_params": self.student_params,
+            "alignment": self.alignment, "alignment_by_kind": dict(self.alignment_by_kind),
+            "n_pairs": len(self.pairs), "pairs": [p.to_dict() for p in self.pairs],
+            "teacher_influence": comp_map(self.teacher_influence),
+            "student_influence": comp_map(self.student_influence),
+            "teacher_drop": comp_map(self.teacher_drop), "student_drop": comp_map(self.student_drop),
+            "teacher_robustness": self.teacher_robustness.to_dict(),
+            "student_robustness": self.student_robustness.to_dict(),
+            "compression": self.compression, "brittleness": dict(self.brittleness),
+            "layer_cka": self.layer_cka,
+            "teacher_sweep": self.teacher_sweep.to_dict(), "student_sweep": self.student_sweep.to_dict(),
+            "seconds": self.seconds, "warnings": list(self.warnings),
+        }
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The comparison as JSON (NaN written as null); also written to ``path`` if given."""
+        text = json.dumps(_no_nan(self.to_dict()), indent=indent)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _no_nan(x):
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else x
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, position: str,
+           batch_size: int, progress):
+    from ..discovery.ablation import ablation_sweep
+
+    kw = dict(method=ablation, position=position, batch_size=batch_size, progress=progress)
+    if model.is_encoder:  # the fast layer replay needs a plain final norm + unembedding
+        return ablation_sweep(model, task_data, comps, fast=False, **kw)
+    try:
+        return ablation_sweep(model, task_data, comps, fast=True, **kw)
+    except CircuitDistillError as e:
+        if "fast=False" not in str(e):
+            raise
+        return ablation_sweep(model, task_data, comps, fast=False, **kw)
+
+
+def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", similarity: str = "attention",
+            direction: str = "student_to_teacher", kinds: Sequence[str] = ("head", "mlp"),
+            metric: str = "logit_diff", position: str = "last", mlp_space: str = "samples", k: int = 3,
+            batch_size: int = 64, n_boot: int = 10_000, seed: int = 42, progress: bool | None = None) -> Comparison:
+    """Compare how ``teacher`` and ``student`` (any depth and width, one shared tokenizer) solve a task.
+
+    Runs a single-component ``ablation`` sweep (``mean``, ``zero``, ``resample``) of every head and
+    MLP (``kinds``) in each model, scoring ``metric`` at named ``position`` (``"mask"`` for masked-LM
+    tasks built with ``Example(..., positions={"mask": idx})``); turns it into influences and drops;
+    matches components by ``similarity`` (``attention`` patterns + MLP subspaces, or ``cka``) in
+    ``direction``; and returns the alignment score, the pair table and both models' robustness.
+    """
+    t0 = time.perf_counter()
+    if similarity not in SIMILARITIES:
+        raise ConfigError(f"unknown similarity {similarity!r}; use one of {', '.join(SIMILARITIES)}")
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+    kinds = tuple(kinds)
+    if not kinds or any(kd not in ("head", "mlp") for kd in kinds):
+        raise ConfigError(f"kinds must be a non-empty subset of ('head', 'mlp'), got {kinds}")
+    if position not in task_data.positions:
+        raise ConfigError(f"task {task_data.name!r} has no position {position!r}; it has "
+                          f"{', '.join(sorted(task_data.positions))}")
+    if metric == "logit_diff" and bool((task_data.wrong_ids < 0).all()):
+        raise ConfigError("metric 'logit_diff' needs wrong answers (Example.wrong_answer); the task has none. "
+                          "Use metric='answer_prob'")
+    warnings: list[str] = []
+    table = similarity_table(teacher, student, task_data, similarity=similarity, kinds=kinds, k=k,
+                             mlp_space=mlp_space, batch_size=batch_size)
+    t_comps = [c for kd in kinds for c in teacher.components(kd)]
+    s_comps = [c for kd in kinds for c in student.components(kd)]
+    t_sweep = _sweep(teacher, task_data, t_comps, ablation, position, batch_size, progress)
+    s_sweep = _sweep(student, task_data, s_comps, ablation, position, batch_size, progress)
+    for name, sw in (("teacher", t_sweep), ("student", s_sweep)):
+        if sw.clean[metric] <= 0:
+            warnings.append(f"the {name}'s clean {metric} is {sw.clean[metric]:.4g} <= 0: it does not solve the "
+                            "task, so its influences and drops are hard to interpret")
+    t_inf, s_inf = influence(t_sweep, metric), influence(s_sweep, metric)
+    t_drop, s_drop = drops(t_sweep, metric), drops(s_sweep, metric)
+    matches = match_components(table, direction)
+    a, pairs = align(matches, s_inf, t_inf)
+    by_kind = {}
+    for kd in kinds:
+        sub = [m for m in matches if m[0].kind == kd]
+        if sub:
+            by_kind[kd] = align(sub, s_inf, t_inf)[0]
+    t_rob = robustness(t_drop, t_inf, n_boot=n_boot, seed=seed)
+    s_rob = robustness(s_drop, s_inf, n_boot=n_boot, seed=seed)
+    c = compression(teacher.n_params, student.n_params)
+    if c <= 0:
+        warnings.append(f"the student has at least as many parameters as the teacher (C = {c:.3g}): "
+                        "brittleness slopes are not meaningful")
+    brittle = {
+        "mean_drop": brittleness_slope(s_rob.mean_drop, t_rob.mean_drop, c),
+        "mean_drop_per_0.1C": brittleness_slope(s_rob.mean_drop, t_rob.mean_drop, c) / 10,
+        "severity": brittleness_slope(s_rob.severity, t_rob.severity, c),
+    }
+    lc = layer_cka(teacher, student, task_data.clean, batch_size=batch_size)
+    return Comparison(
+        teacher_name=teacher.name, student_name=student.name, task=task_data.name, n_examples=len(task_data),
+        metric=metric, ablation=ablation, similarity=similarity, direction=direction, kinds=kinds,
+        teacher_shape=(teacher.arch.n_layers, teacher.arch.n_heads),
+        student_shape=(student.arch.n_layers, student.arch.n_heads),
+        teacher_params=int(teacher.n_params), student_params=int(student.n_params),
+        teacher_sweep=t_sweep, student_sweep=s_sweep, teacher_influence=t_inf, student_influence=s_inf,
+        teacher_drop=t_drop, student_drop=s_drop, pairs=pairs, alignment=a, alignment_by_kind=by_kind,
+        teacher_robustness=t_rob, student_robustness=s_rob, compression=c, brittleness=brittle,
+        layer_cka=torch.as_tensor(lc).tolist(), position=position, seconds=time.perf_counter() - t0,
+        warnings=warnings,
+    )
