@@ -12,8 +12,20 @@ from .ablation import (
     ablation_values,
     mean_activations,
 )
+from .patching import (
+    DIRECTIONS,
+    AttributionResult,
+    PatchingResult,
+    PathPatchingResult,
+    activation_patching,
+    attribution_patching,
+    patched_metric,
+    path_patching,
+)
 
 __all__ = [
+    "DIRECTIONS", "AttributionResult", "PatchingResult", "PathPatchingResult", "activation_patching",
+    "attribution_patching", "patched_metric", "path_patching",
     "ABLATION_METHODS", "AblationValues", "LayerReplay", "SweepResult", "ablate", "ablated_logits",
     "ablation_sweep", "ablation_values", "mean_activations",
 ]

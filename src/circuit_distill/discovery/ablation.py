@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -353,12 +353,17 @@ class LayerReplay:
 
 
 @contextmanager
-def _stacked_ablation(model, layer: int, comps: list[Component], repl: dict[Component, torch.Tensor], n: int):
-    """Hooks ablating ``comps[j]`` in copy ``j`` of a ``[k * n, ...]`` stack inside ``layer``."""
+def stacked_replacement(model, layer: int, items: Sequence[tuple[Component, torch.Tensor]], n: int):
+    """Hooks that, in a ``[k * n, ...]`` stack of ``k`` copies of ``n`` rows run through ``layer``,
+    replace component ``items[j][0]``'s activation in copy ``j`` by ``items[j][1]`` (``[n, seq, d]``).
+    Copies beyond ``len(items)`` run unchanged."""
     arch, hf = model.arch, model.hf
     H, dh = arch.n_heads, arch.d_head
-    heads = [(j, c) for j, c in enumerate(comps) if c.is_head]
-    mlps = [(j, c) for j, c in enumerate(comps) if c.kind == "mlp"]
+    for c, _ in items:
+        if c.layer != layer or c.kind not in ("head", "mlp"):
+            raise ComponentError(f"{c}: stacked replacement in layer {layer} takes heads and MLPs of that layer")
+    heads = [(j, c, v) for j, (c, v) in enumerate(items) if c.is_head]
+    mlps = [(j, c, v) for j, (c, v) in enumerate(items) if c.kind == "mlp"]
     handles = []
     try:
         if heads:
@@ -366,8 +371,8 @@ def _stacked_ablation(model, layer: int, comps: list[Component], repl: dict[Comp
                 key = None if args else ("hidden_states" if "hidden_states" in kwargs else "input")
                 x = (args[0] if args else kwargs[key]).clone()
                 v = x.view(-1, n, x.shape[1], H, dh)
-                for j, c in heads:
-                    v[j, :, :, c.head] = repl[c].to(x.dtype)
+                for j, c, val in heads:
+                    v[j, :, :, c.head] = val.to(device=x.device, dtype=x.dtype)
                 if args:
                     return (x,) + tuple(args[1:]), kwargs
                 return args, dict(kwargs, **{key: x})
@@ -376,14 +381,43 @@ def _stacked_ablation(model, layer: int, comps: list[Component], repl: dict[Comp
             def post(mod, args, out):
                 o = _first(out).clone()
                 v = o.view(-1, n, *o.shape[1:])
-                for j, c in mlps:
-                    v[j] = repl[c].to(o.dtype)
+                for j, _c, val in mlps:
+                    v[j] = val.to(device=o.device, dtype=o.dtype)
                 return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
             handles.append(arch.mlp(hf, layer).register_forward_hook(post))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def replay_items(model, replay: LayerReplay, items: Sequence[tuple[Component, Callable[[], torch.Tensor]]], *,
+                 batch_size: int = 64, bar=None) -> tuple[list[torch.Tensor], float]:
+    """Logits ``[n, vocab]`` at the replay's positions for each item ``(comp, value_fn)``: ``comp``'s
+    activation replaced by ``value_fn()`` (``[n, seq, d]``) alone, everything else as in the replay's
+    base run. Items of one layer share forwards (up to ``batch_size`` rows each). Also returns the
+    cost in units of one full forward over the ``n`` rows."""
+    n, n_layers = replay.n, model.arch.n_layers
+    per_fwd = max(1, batch_size // n)
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for i, (c, _) in enumerate(items):
+        by_layer[c.layer].append(i)
+    out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    cost = 0.0
+    for layer in sorted(by_layer):
+        idx = by_layer[layer]
+        h0 = replay.hidden(layer)
+        for s in range(0, len(idx), per_fwd):
+            group = idx[s:s + per_fwd]
+            k = len(group)
+            with stacked_replacement(model, layer, [(items[i][0], items[i][1]()) for i in group], n):
+                logits = replay.logits_from(layer, h0.repeat(k, *([1] * (h0.dim() - 1))))
+            for j, i in enumerate(group):
+                out[i] = logits[j * n:(j + 1) * n].cpu()
+            cost += k * (n_layers - layer) / n_layers
+            if bar is not None:
+                bar.update(k)
+    return out, cost
 
 
 # ---- sweeps --------------------------------------------------------------------------------
@@ -463,7 +497,6 @@ def ablation_sweep(model, task_data: TaskData, components: Iterable[Component | 
     if n == 0:
         raise TaskError("task_data has no examples")
     metrics = tuple(metrics)
-    n_layers = model.arch.n_layers
     forwards = 0.0
     if values is None:
         values = ablation_values(model, task_data, comps, method=method, per_position=per_position,
@@ -471,9 +504,6 @@ def ablation_sweep(model, task_data: TaskData, components: Iterable[Component | 
         if method != "zero":
             forwards += len(task_data.reference) / n
     pos = _metric_positions(task_data, position)
-    by_layer: dict[int, list[Component]] = defaultdict(list)
-    for c in comps:
-        by_layer[c.layer].append(c)
     chunks = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     clean_logits: list[torch.Tensor] = []
     abl_logits: dict[Component, list[torch.Tensor]] = defaultdict(list)
@@ -487,19 +517,11 @@ def ablation_sweep(model, task_data: TaskData, components: Iterable[Component | 
                 replay = LayerReplay(model, b, pos[rows])
                 clean_logits.append(replay.logits.cpu())
                 forwards += len(rows) / n
-                per_fwd = max(1, batch_size // len(rows))
-                for layer in sorted(by_layer):
-                    lc = by_layer[layer]
-                    h0 = replay.hidden(layer)
-                    for s in range(0, len(lc), per_fwd):
-                        group = lc[s:s + per_fwd]
-                        k = len(group)
-                        with _stacked_ablation(model, layer, group, repl, len(rows)):
-                            out = replay.logits_from(layer, h0.repeat(k, 1, 1))
-                        for j, c in enumerate(group):
-                            abl_logits[c].append(out[j * len(rows):(j + 1) * len(rows)].cpu())
-                        forwards += k * len(rows) * (n_layers - layer) / (n * n_layers)
-                        bar.update(k)
+                outs, cost = replay_items(model, replay, [(c, (lambda c=c: repl[c])) for c in comps],
+                                          batch_size=batch_size, bar=bar)
+                for c, o in zip(comps, outs):
+                    abl_logits[c].append(o)
+                forwards += cost * len(rows) / n
             else:
                 bd = b.to(model.device)
                 with torch.no_grad():
