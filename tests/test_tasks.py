@@ -65,6 +65,9 @@ def check_common(data, tok, n: int) -> None:
             assert pos.shape == (n,) and (pos >= 0).all() and (pos < width).all(), name
             assert batch.attention_mask[torch.arange(n), pos].all(), f"{name} points at padding"
         assert (positions["last"] == batch.last).all()
+    for i in range(n):  # row i of each batch is exactly prompt i (and corrupted prompt i), padded
+        for b, text in ((data.clean, data.prompts[i]), (data.corrupted, data.metadata[i]["corrupted_prompt"])):
+            assert b.input_ids[i][b.attention_mask[i].bool()].tolist() == tok(text)["input_ids"]
     for i in range(n):  # the answer is the text continuation as one token
         assert tok.decode([int(data.answer_ids[i])]) == tok.decode(
             tok(data.answers[i], add_special_tokens=False)["input_ids"])
@@ -395,6 +398,17 @@ def test_jsonl_malformed_lines_name_the_line(tmp_path, bad, match):
     path = write(tmp_path, [{"prompt": "a b", "answer": " c"}, bad])
     with pytest.raises(TaskError, match=match):
         make_task("jsonl", word_level_tokenizer(["a", "b", "c", "d"]), 2, path=path)
+
+
+def test_jsonl_vocabulary_covers_punctuation_and_symbols(tmp_path):
+    rows = [{"prompt": "Price: $5, or 7%? Yes -", "answer": " it's"}, {"prompt": "Q: x_y (z)", "answer": " ok."}]
+    path = write(tmp_path, rows)
+    tok = word_level_tokenizer(task_vocabulary("jsonl", path=path))
+    data = make_task("jsonl", tok, 2, path=path, first_token=True)
+    assert tok.unk_token_id not in data.clean.input_ids
+    assert tok.convert_ids_to_tokens(data.answer_ids.tolist()) == ["it", "ok"]
+    with pytest.raises(TaskError, match=r"example 0 .*answer \" it's\" is 3 tokens"):
+        make_task("jsonl", tok, 2, path=path)
 
 
 def test_jsonl_needs_a_path(tmp_path):

@@ -82,7 +82,9 @@ def run(args) -> int:
     for i in range(len(data)):
         print(f"\n[{i}] {data.prompts[i]!r}")
         print(f"    answer {show(data.answer_ids[i])}   wrong {show(data.wrong_ids[i])}")
-        c_text = tok.decode(data.corrupted.input_ids[i][data.corrupted.attention_mask[i].bool()])
+        meta = data.metadata[i] if data.metadata else {}
+        c_text = meta.get("corrupted_prompt") or tok.decode(
+            data.corrupted.input_ids[i][data.corrupted.attention_mask[i].bool()])
         c_ans = "" if data.corrupted_answer_ids is None else f"  -> {show(data.corrupted_answer_ids[i])}"
         print(f"    corrupted {c_text!r}{c_ans}")
         for name, pos in data.positions.items():
@@ -92,6 +94,7 @@ def run(args) -> int:
                 cj = int(data.corrupted_positions[name][i])
                 line += f"   corrupted {cj:>4} {show(data.corrupted.input_ids[i, cj])}"
             print(line)
-        if data.metadata and data.metadata[i]:
-            print(f"    metadata {data.metadata[i]}")
+        shown = {k: v for k, v in meta.items() if k not in ("corrupted_prompt", "corrupted_words", "words")}
+        if shown:
+            print(f"    metadata {shown}")
     return 0

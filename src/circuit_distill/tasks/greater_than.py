@@ -66,7 +66,7 @@ def _example(rng: random.Random, joined: bool) -> Example:
     return Example(prompt=prompt, answer=f"{sep}{good:02d}", wrong_answer=f"{sep}{bad:02d}",
                    corrupted_prompt=c_prompt, positions=pos, corrupted_positions=c_pos,
                    metadata={"noun": noun, "century": cc, "start_yy": yy, "answer_yy": good, "wrong_yy": bad,
-                             "year_format": "joined" if joined else "split"})
+                             "year_format": "joined" if joined else "split", "corrupted_prompt": c_prompt})
 
 
 @register_task("greater_than", vocabulary=vocabulary)

@@ -115,7 +115,7 @@ def _example(rng: random.Random, pool: list[str], seq_len: int, seg_min: int, se
         prompt=prompt, answer=" " + segment[k], wrong_answer=wrong, corrupted_prompt=c_prompt,
         corrupted_answer=c_answer, positions=named(starts), corrupted_positions=named(c_starts),
         metadata={"words": words, "segment": segment, "k": k, "segment_start": seg_at,
-                  "repeat_start": rep_at, "distance": rep_at - seg_at, "corrupted_words": c_words},
+                  "repeat_start": rep_at, "distance": rep_at - seg_at, "corrupted_words": c_words, "corrupted_prompt": c_prompt},
     )
 
 

@@ -101,7 +101,7 @@ def _example(rng: random.Random, names: list[str], places: list[str], objects: l
     return Example(prompt=prompt, answer=" " + io, wrong_answer=" " + s, corrupted_prompt=c_prompt,
                    corrupted_answer=c_answer, positions=positions, corrupted_positions=c_positions,
                    metadata={"IO": io, "S": s, "order": this_order, "template": template, "place": place,
-                             "object": obj})
+                             "object": obj, "corrupted_prompt": c_prompt})
 
 
 @register_task("ioi", vocabulary=vocabulary)

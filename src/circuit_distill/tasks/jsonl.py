@@ -55,7 +55,9 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise TaskError(f"{where}field {k!r} must be a non-empty string, got {v!r}")
         out.append(Example(prompt=obj["prompt"], answer=obj["answer"], wrong_answer=obj.get("wrong_answer"),
                            corrupted_prompt=obj.get("corrupted_prompt"),
-                           corrupted_answer=obj.get("corrupted_answer"), metadata={"line": no}))
+                           corrupted_answer=obj.get("corrupted_answer"),
+                           metadata={"line": no, **({"corrupted_prompt": obj["corrupted_prompt"]}
+                                                    if "corrupted_prompt" in obj else {})}))
     if not out:
         raise TaskError(f"{path}: no examples (the file is empty)")
     with_c = sum(e.corrupted_prompt is not None for e in out)
@@ -67,26 +69,17 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 
 def vocabulary(*, path: str | Path, **_) -> list[str]:
-    """Whitespace-separated words of every prompt and answer in the file (for a word-level
-    tokenizer; split further on punctuation by that tokenizer, so punctuation is listed apart)."""
-    words: list[str] = []
-    seen: set[str] = set()
+    """Every word of every prompt and answer in the file, split the way ``word_level_tokenizer``
+    splits text (on whitespace, then punctuation apart), in order of first appearance."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words: dict[str, None] = {}
     for e in read_jsonl(path):
         for text in (e.prompt, e.answer, e.wrong_answer, e.corrupted_prompt, e.corrupted_answer):
-            for w in (text or "").split():
-                pieces, cur = [], ""
-                for ch in w:
-                    if not ch.isalnum() and ch != "_":
-                        pieces += [cur, ch] if cur else [ch]
-                        cur = ""
-                    else:
-                        cur += ch
-                pieces += [cur] if cur else []
-                for piece in pieces:
-                    if piece not in seen:
-                        seen.add(piece)
-                        words.append(piece)
-    return words
+            for piece, _ in split.pre_tokenize_str(text or ""):
+                words.setdefault(piece, None)
+    return list(words)
 
 
 @register_task("jsonl", vocabulary=vocabulary)

@@ -68,7 +68,7 @@ def _example(rng: random.Random, style: str, top: int, lo: int, hi: int, step: i
                    corrupted_prompt=c_prompt, corrupted_answer=" " + _say(c_start + span, style),
                    positions=pos, corrupted_positions=c_pos,
                    metadata={"start": start, "length": k, "step": step, "answer": start + span,
-                             "corrupted_start": c_start})
+                             "corrupted_start": c_start, "corrupted_prompt": c_prompt})
 
 
 @register_task("numerals", vocabulary=vocabulary)

@@ -142,7 +142,8 @@ def _example(rng: random.Random, cases: list[str], chars: list[str], conts: list
                    corrupted_answer=" " + c_answer, positions=pos, corrupted_positions=c_pos,
                    metadata={"case": case, "character": q, "other": p, "container": s["container"],
                              "own_container": own, "drinks": s["drinks"], "new_drink": s["new_drink"],
-                             "q_observes": q_sees, "belief": answer, "actual": s["new_drink"]})
+                             "q_observes": q_sees, "belief": answer, "actual": s["new_drink"],
+                             "corrupted_prompt": c_prompt})
 
 
 @register_task("theory_of_mind", vocabulary=vocabulary)
