@@ -171,3 +171,42 @@ def test_lora_without_peft_says_how_to_install(llama_dir, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(ConfigError, match=r"pip install 'circuit-distill\[peft\]'"):
         set_trainable(load_model(llama_dir), "lora", ["L0.H0"])
+
+
+def test_alignment_training_end_to_end(llama_dir, tmp_path):
+    """capture -> select_rows('all') -> align_cka objective -> masked AdamW: CKA rises, frozen entries stay."""
+    from circuit_distill.distill.losses import select_rows
+    from circuit_distill.distill.objectives import objective_loss
+
+    student = load_model(llama_dir)
+    teacher = load_model(tiny_model("llama", tmp_path / "teacher", n_heads=4, n_kv_heads=2, d_model=96, seed=5))
+    pairs = [(Component(1, "head", 0), Component(1, "head", 2)), (Component(1, "head", 3), Component(0, "head", 1))]
+    before = {n: p.detach().clone() for n, p in student.hf.named_parameters()}
+    info = set_trainable(student, "matched_heads", [s for s, _ in pairs], train_kv=True)
+    opt = torch.optim.AdamW(info.parameters(), lr=3e-2, weight_decay=0.1)
+    info.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, student.hf.config.vocab_size, (8, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:3, 4:] = 0  # some right padding
+    with torch.no_grad(), capture(teacher, [t for _, t in pairs]) as tcap:
+        teacher(ids, mask)
+    tfeats = [select_rows(tcap[t], mask, "all") for _, t in pairs]
+    ckas = []
+    for _ in range(10):
+        opt.zero_grad()
+        with capture(student, [s for s, _ in pairs]) as scap:
+            student(ids, mask)
+        sfeats = [select_rows(scap[s], mask, "all") for s, _ in pairs]
+        assert sfeats[0].shape == (8 * 6 - 6, DH) and tfeats[0].shape == (42, 24)
+        total, parts = objective_loss("align_cka", student_feats=sfeats, teacher_feats=tfeats)
+        ckas.append(float(parts["cka"]))
+        total.backward()
+        opt.step()
+    assert ckas[-1] > ckas[0] + 0.1, ckas
+    for n, p in student.hf.named_parameters():
+        if n in info.masks and info.masks[n] is None:  # layer-1 k/v: both KV groups selected, whole weight
+            assert n.startswith("model.layers.1.") and not torch.equal(p, before[n]), n
+            continue
+        m = info.masks.get(n, torch.zeros(p.shape, dtype=torch.bool))
+        assert torch.equal(p[~m], before[n][~m]), n
