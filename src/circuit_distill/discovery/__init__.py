@@ -12,6 +12,7 @@ from .ablation import (
     ablation_values,
     mean_activations,
 )
+from .circuits import KINDS, SEARCH_METHODS, Circuit, faithfulness, find_circuit
 from .patching import (
     DIRECTIONS,
     AttributionResult,
@@ -25,7 +26,8 @@ from .patching import (
 
 __all__ = [
     "DIRECTIONS", "AttributionResult", "PatchingResult", "PathPatchingResult", "activation_patching",
-    "attribution_patching", "patched_metric", "path_patching",
+    "attribution_patching", "patched_metric", "path_patching", "KINDS", "SEARCH_METHODS", "Circuit",
+    "faithfulness", "find_circuit",
     "ABLATION_METHODS", "AblationValues", "LayerReplay", "SweepResult", "ablate", "ablated_logits",
     "ablation_sweep", "ablation_values", "mean_activations",
 ]
