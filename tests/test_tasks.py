@@ -15,6 +15,7 @@ from circuit_distill.errors import TaskError
 from circuit_distill.model.tokenizer import numbered_vocabulary, word_level_tokenizer
 from circuit_distill.tasks import make_task, task_vocabulary
 
+WORDS_FOR_JSONL = ("alpha", "beta", "gamma", "delta", "eps", "zeta")
 GENERATORS = ("induction", "ioi", "numerals", "greater_than", "theory_of_mind")
 
 
@@ -446,3 +447,43 @@ def test_cli_task_option_parsing_and_errors(capsys):
     assert "earlier_next" in capsys.readouterr().out
     assert main(["task", "ioi", "--option", "bogus=1"]) == 2
     assert "no option(s) bogus" in capsys.readouterr().err
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), year_format=st.sampled_from(["auto", "split"]))
+def test_greater_than_property(seed, year_format):
+    tok = word_tok("greater_than")
+    data = make_task("greater_than", tok, 4, seed=seed, year_format=year_format)
+    check_common(data, tok, 4)
+    for i, m in enumerate(data.metadata):
+        assert 2 <= m["start_yy"] <= 98
+        assert int(data.answers[i]) > m["start_yy"] > int(tok.decode([int(data.wrong_ids[i])]))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.lists(st.sampled_from(WORDS_FOR_JSONL), min_size=1, max_size=6),
+                               st.sampled_from(WORDS_FOR_JSONL)), min_size=1, max_size=8),
+       extra=st.integers(0, 3))
+def test_jsonl_round_trip_property(tmp_path, rows, extra):
+    path = write(tmp_path, [{"prompt": " ".join(p), "answer": " " + a} for p, a in rows])
+    tok = word_level_tokenizer(task_vocabulary("jsonl", path=path))
+    n = len(rows) + extra
+    if extra:
+        with pytest.raises(TaskError, match=f"has {len(rows)} examples but n={n}"):
+            make_task("jsonl", tok, n, path=path)
+    data = make_task("jsonl", tok, n, path=path, take_all=True)
+    assert data.prompts == [" ".join(p) for p, _ in rows]
+    assert tok.convert_ids_to_tokens(data.answer_ids.tolist()) == [a for _, a in rows]
+    assert (data.wrong_ids == -1).all()
+
+
+def test_cli_task_with_a_saved_tokenizer(tmp_path, capsys):
+    from circuit_distill.cli import main
+
+    bpe_tok().save_pretrained(tmp_path / "tok")
+    assert main(["task", "numerals", "--n", "2", "--tokenizer", str(tmp_path / "tok"),
+                 "--option", "style=words"]) == 0
+    out = capsys.readouterr().out
+    data = make_task("numerals", bpe_tok(), 2, style="words")
+    assert all(repr(p) in out for p in data.prompts)
+    assert f"answer {data.answers[0]!r}" in out
