@@ -447,6 +447,8 @@ def test_cli_task_option_parsing_and_errors(capsys):
     assert "earlier_next" in capsys.readouterr().out
     assert main(["task", "ioi", "--option", "bogus=1"]) == 2
     assert "no option(s) bogus" in capsys.readouterr().err
+    assert main(["task", "jsonl"]) == 2
+    assert "needs path=" in capsys.readouterr().err
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -64,6 +64,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..errors import TaskError
     from ..model.tokenizer import word_level_tokenizer
     from ..tasks import make_task, task_vocabulary
 
@@ -71,7 +72,10 @@ def run(args) -> int:
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     else:
-        tok = word_level_tokenizer(task_vocabulary(args.name, **options))
+        try:
+            tok = word_level_tokenizer(task_vocabulary(args.name, **options))
+        except TaskError as e:
+            raise TaskError(f"{e}; or pass --tokenizer MODEL to use a model's tokenizer") from None
     data = make_task(args.name, tok, args.n, seed=args.seed, **options)
 
     def show(i: int) -> str:

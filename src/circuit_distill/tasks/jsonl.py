@@ -68,10 +68,13 @@ def read_jsonl(path: str | Path) -> list[Example]:
     return out
 
 
-def vocabulary(*, path: str | Path, **_) -> list[str]:
+def vocabulary(*, path: str | Path | None = None, **_) -> list[str]:
     """Every word of every prompt and answer in the file, split the way ``word_level_tokenizer``
     splits text (on whitespace, then punctuation apart), in order of first appearance."""
     from tokenizers import pre_tokenizers
+
+    if path is None:
+        raise TaskError("the jsonl task's vocabulary needs path=... (the JSONL file)")
 
     split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words: dict[str, None] = {}
