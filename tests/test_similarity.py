@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from circuit_distill.distill.losses import alignment_loss
 from circuit_distill.errors import CircuitDistillError, ConfigError
 from circuit_distill.similarity import cka_matrix, gather_with_grad, linear_cka, rbf_cka
 
@@ -201,7 +202,15 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             dist.all_reduce(grad)  # what DDP does: average parameter gradients over ranks
             grad /= world
             local = linear_cka(a[sl] @ w0, t[sl], debiased=debiased)  # the per-rank value, for contrast
-            res[debiased] = (cka.detach(), grad, local)
+            # alignment_loss over two pairs gathers all pairs at once: same value and DDP gradient
+            w = w0.clone().requires_grad_(True)
+            x = a[sl] @ w
+            loss = alignment_loss([x, x[:, :2].tanh()], [t[sl], t[sl, :3]], debiased=debiased, distributed=True)
+            loss.backward()
+            agrad = w.grad.clone()
+            dist.all_reduce(agrad)
+            agrad /= world
+            res[debiased] = (cka.detach(), grad, local, loss.detach(), agrad)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -222,8 +231,14 @@ def test_distributed_cka_equals_single_process(tmp_path):
         w = w0.clone().requires_grad_(True)
         ref = linear_cka(a @ w, t, debiased=debiased)
         ref.backward()
+        w2 = w0.clone().requires_grad_(True)
+        x = a @ w2
+        aref = alignment_loss([x, x[:, :2].tanh()], [t, t[:, :3]], debiased=debiased)
+        aref.backward()
         for rank in range(2):
-            cka, grad, local = torch.load(tmp_path / f"rank{rank}.pt")[debiased]
+            cka, grad, local, aloss, agrad = torch.load(tmp_path / f"rank{rank}.pt")[debiased]
             assert abs(float(cka) - float(ref)) < 1e-12
             assert torch.allclose(grad, w.grad, atol=1e-12, rtol=1e-9)
             assert abs(float(local) - float(ref)) > 1e-4  # the per-rank CKA really differs
+            assert abs(float(aloss) - float(aref)) < 1e-12
+            assert torch.allclose(agrad, w2.grad, atol=1e-12, rtol=1e-9)

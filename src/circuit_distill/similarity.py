@@ -51,8 +51,12 @@ def min_rows(debiased: bool = False) -> int:
 
 # ---- distributed ----------------------------------------------------------------------------------
 
-def _dist_active() -> bool:
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+_dist_active = is_distributed
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..similarity import linear_cka
+from ..similarity import gather_with_grad, is_distributed, linear_cka
 
 Positions = Union[str, int, torch.Tensor]
 
@@ -59,9 +59,23 @@ def pair_ckas(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[tor
                           f"and {len(teacher_feats)}")
     if len(student_feats) == 0:
         raise ConfigError("alignment needs at least one (student, teacher) pair; check the component map")
+    teacher_feats = [t.detach() for t in teacher_feats]
+    rows = {f.shape[0] for f in (*student_feats, *teacher_feats)}
+    if distributed and is_distributed() and len(rows) == 1:
+        # one collective per side instead of one per pair: gather [m, sum of widths] and split
+        student_feats = _gather_many(student_feats)
+        teacher_feats = _gather_many(teacher_feats)
+        distributed = False
     return torch.stack([
-        linear_cka(s, t.detach(), debiased, distributed=distributed) for s, t in zip(student_feats, teacher_feats)
+        linear_cka(s, t, debiased, distributed=distributed) for s, t in zip(student_feats, teacher_feats)
     ])
+
+
+def _gather_many(feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    flat = [_f32(f.reshape(f.shape[0], -1)) for f in feats]
+    dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
+    widths = [f.shape[1] for f in flat]
+    return list(gather_with_grad(torch.cat([f.to(dtype) for f in flat], 1)).split(widths, 1))
 
 
 def alignment_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor], *,
