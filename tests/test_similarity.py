@@ -166,7 +166,7 @@ def test_cka_matrix():
 def test_gather_is_noop_without_distributed():
     x = torch.randn(4, 3, requires_grad=True)
     assert gather_with_grad(x) is x
-    assert float(linear_cka(x, x.detach(), distributed=True)) == pytest.approx(1.0)
+    assert linear_cka(x, x.detach(), distributed=True).item() == pytest.approx(1.0)
 
 
 # ---- distributed: 2 processes (gloo) compute the CKA of the global batch --------------------------
