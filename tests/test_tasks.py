@@ -489,3 +489,20 @@ def test_cli_task_with_a_saved_tokenizer(tmp_path, capsys):
     data = make_task("numerals", bpe_tok(), 2, style="words")
     assert all(repr(p) in out for p in data.prompts)
     assert f"answer {data.answers[0]!r}" in out
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_reference_size_padding_side_and_prefix_stability(name):
+    tok = word_tok(name)
+    small, big = make_task(name, tok, 3, seed=5), make_task(name, tok, 6, seed=5, n_reference=2)
+    assert big.prompts[:3] == small.prompts  # more examples extend, never reshuffle, the first ones
+    assert len(big.reference) == 2 and len(small.reference) == 3
+    ref = [tok.batch_decode(d.reference.input_ids, skip_special_tokens=True) for d in (big, small)]
+    assert ref[0] == ref[1][:2]  # the reference stream does not depend on n
+    left = make_task(name, tok, 6, seed=5, padding_side="left")
+    assert left.clean.padding_side == "left" and (left.positions["last"] == left.clean.input_ids.shape[1] - 1).all()
+    for k, pos in left.positions.items():  # the same tokens, shifted by each row's padding
+        for i in range(6):
+            assert left.clean.input_ids[i, pos[i]] == big.clean.input_ids[i, big.positions[k][i]], k
+    with pytest.raises(TaskError, match="n_reference must be >= 1"):
+        make_task(name, tok, 2, n_reference=0)

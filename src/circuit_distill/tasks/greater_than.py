@@ -71,14 +71,23 @@ def _example(rng: random.Random, joined: bool) -> Example:
 
 @register_task("greater_than", vocabulary=vocabulary)
 def greater_than(tokenizer, n: int, *, seed: int = 0, year_format: str = "auto",
-                 first_token: bool = False) -> TaskData:
-    """``n`` greater-than prompts (see the module docstring)."""
+                 first_token: bool = False,
+                 n_reference: int | None = None, padding_side: str = "right") -> TaskData:
+    """``n`` greater-than prompts (see the module docstring).
+
+    ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
+    examples; ``padding_side`` is ``"right"`` or ``"left"``.
+    """
     if year_format not in FORMATS:
         raise TaskError(f"greater_than: year_format must be one of {FORMATS}, got {year_format!r}")
     joined = _splits_years(tokenizer) if year_format == "auto" else year_format == "joined"
     rng = random.Random(seed)
     examples = [_example(rng, joined) for _ in range(n)]
-    reference = [_example(rng, joined).prompt for _ in range(n)]
-    return build_task_data("greater_than", tokenizer, examples, reference, first_token=first_token,
+    if n_reference is not None and n_reference < 1:
+        raise TaskError(f"greater_than: n_reference must be >= 1, got {n_reference}")
+    rng = random.Random(f"reference:{seed}")  # an independent stream: clean data does not depend on it
+    reference = [_example(rng, joined).prompt for _ in range(n_reference or n)]
+    return build_task_data("greater_than", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"year_format": "joined" if joined else "split", "first_token": first_token,
-                                    "seed": seed})
+                                    "n_reference": n_reference,
+                                    "padding_side": padding_side, "seed": seed})

@@ -122,7 +122,8 @@ def _example(rng: random.Random, pool: list[str], seq_len: int, seg_min: int, se
 @register_task("induction", vocabulary=vocabulary)
 def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None = None, vocab_size: int = 64,
               seq_len: int = 24, segment_len: int | tuple[int, int] = (3, 8), corruption: str = "answer",
-              split: str | None = None, first_token: bool = False) -> TaskData:
+              split: str | None = None, first_token: bool = False,
+              n_reference: int | None = None, padding_side: str = "right") -> TaskData:
     """``n`` induction prompts of ``seq_len`` words each (see the module docstring).
 
     ``words`` is the word pool (default ``numbered_vocabulary(vocab_size)``: ``w0 .. wK``, which a
@@ -131,6 +132,9 @@ def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None
     which split ``w17``); ``segment_len`` an int or an
     inclusive ``(min, max)`` range; ``split`` ``"train"``/``"test"`` uses disjoint halves of the
     pool; ``first_token`` scores only the first token of multi-token answers.
+
+    ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
+    examples; ``padding_side`` is ``"right"`` or ``"left"``.
     """
     if words == "from_tokenizer":
         words = tokenizer_words(tokenizer, vocab_size)
@@ -148,8 +152,12 @@ def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None
                         "(raise vocab_size or pass more words)")
     rng = random.Random(seed)
     examples = [_example(rng, pool, seq_len, seg_min, seg_max, corruption) for _ in range(n)]
-    reference = [_example(rng, pool, seq_len, seg_min, seg_max, corruption).prompt for _ in range(n)]
-    return build_task_data("induction", tokenizer, examples, reference, first_token=first_token,
+    if n_reference is not None and n_reference < 1:
+        raise TaskError(f"induction: n_reference must be >= 1, got {n_reference}")
+    rng = random.Random(f"reference:{seed}")  # an independent stream: clean data does not depend on it
+    reference = [_example(rng, pool, seq_len, seg_min, seg_max, corruption).prompt for _ in range(n_reference or n)]
+    return build_task_data("induction", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"words": words, "vocab_size": vocab_size, "seq_len": seq_len,
                                     "segment_len": segment_len, "corruption": corruption, "split": split,
-                                    "first_token": first_token, "seed": seed})
+                                    "first_token": first_token, "n_reference": n_reference,
+                                    "padding_side": padding_side, "seed": seed})

@@ -106,12 +106,16 @@ def _example(rng: random.Random, names: list[str], places: list[str], objects: l
 
 @register_task("ioi", vocabulary=vocabulary)
 def ioi(tokenizer, n: int, *, seed: int = 0, order: str = "mixed", corruption: str = "abc",
-        names: list[str] | None = None, split: str | None = None, first_token: bool = False) -> TaskData:
+        names: list[str] | None = None, split: str | None = None, first_token: bool = False,
+        n_reference: int | None = None, padding_side: str = "right") -> TaskData:
     """``n`` IOI prompts (see the module docstring).
 
     ``names`` replaces the built-in name list (each must be one token with a leading space for the
     tokenizer); ``split`` ``"train"``/``"test"`` draws names, places and objects from disjoint
     halves of the lists; ``first_token`` scores only the first token of multi-token answers.
+
+    ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
+    examples; ``padding_side`` is ``"right"`` or ``"left"``.
     """
     if order not in ORDERS:
         raise TaskError(f"ioi: order must be one of {ORDERS}, got {order!r}")
@@ -123,7 +127,11 @@ def ioi(tokenizer, n: int, *, seed: int = 0, order: str = "mixed", corruption: s
     places, objects = _pool(PLACES, split), _pool(OBJECTS, split)
     rng = random.Random(seed)
     examples = [_example(rng, pool, places, objects, order, corruption) for _ in range(n)]
-    reference = [_example(rng, pool, places, objects, order, corruption).prompt for _ in range(n)]
-    return build_task_data("ioi", tokenizer, examples, reference, first_token=first_token,
+    if n_reference is not None and n_reference < 1:
+        raise TaskError(f"ioi: n_reference must be >= 1, got {n_reference}")
+    rng = random.Random(f"reference:{seed}")  # an independent stream: clean data does not depend on it
+    reference = [_example(rng, pool, places, objects, order, corruption).prompt for _ in range(n_reference or n)]
+    return build_task_data("ioi", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"order": order, "corruption": corruption, "names": names, "split": split,
-                                    "first_token": first_token, "seed": seed})
+                                    "first_token": first_token, "n_reference": n_reference,
+                                    "padding_side": padding_side, "seed": seed})

@@ -73,9 +73,14 @@ def _example(rng: random.Random, style: str, top: int, lo: int, hi: int, step: i
 
 @register_task("numerals", vocabulary=vocabulary)
 def numerals(tokenizer, n: int, *, seed: int = 0, style: str = "digits", length: int | tuple[int, int] = (3, 6),
-             step: int = 1, max_value: int | None = None, first_token: bool = False) -> TaskData:
+             step: int = 1, max_value: int | None = None, first_token: bool = False,
+             n_reference: int | None = None, padding_side: str = "right") -> TaskData:
     """``n`` sequence-continuation prompts (see the module docstring). Numbers stay within
-    ``0 .. max_value`` (default 99 for digits, 20 for words)."""
+    ``0 .. max_value`` (default 99 for digits, 20 for words).
+
+    ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
+    examples; ``padding_side`` is ``"right"`` or ``"left"``.
+    """
     top = _max(style, max_value)
     lo, hi = (length, length) if isinstance(length, int) else tuple(length)
     if not 2 <= lo <= hi:
@@ -87,7 +92,11 @@ def numerals(tokenizer, n: int, *, seed: int = 0, style: str = "digits", length:
                         "use fewer terms, a smaller step or a larger max_value")
     rng = random.Random(seed)
     examples = [_example(rng, style, top, lo, hi, step) for _ in range(n)]
-    reference = [_example(rng, style, top, lo, hi, step).prompt for _ in range(n)]
-    return build_task_data("numerals", tokenizer, examples, reference, first_token=first_token,
+    if n_reference is not None and n_reference < 1:
+        raise TaskError(f"numerals: n_reference must be >= 1, got {n_reference}")
+    rng = random.Random(f"reference:{seed}")  # an independent stream: clean data does not depend on it
+    reference = [_example(rng, style, top, lo, hi, step).prompt for _ in range(n_reference or n)]
+    return build_task_data("numerals", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"style": style, "length": length, "step": step, "max_value": max_value,
-                                    "first_token": first_token, "seed": seed})
+                                    "first_token": first_token, "n_reference": n_reference,
+                                    "padding_side": padding_side, "seed": seed})

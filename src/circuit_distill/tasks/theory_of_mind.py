@@ -148,12 +148,16 @@ def _example(rng: random.Random, cases: list[str], chars: list[str], conts: list
 @register_task("theory_of_mind", vocabulary=vocabulary)
 def theory_of_mind(tokenizer, n: int, *, seed: int = 0, cases: list[str] | tuple[str, ...] | str = CASES,
                    corruption: str = "visibility", split: str | None = None,
-                   first_token: bool = False) -> TaskData:
+                   first_token: bool = False,
+                   n_reference: int | None = None, padding_side: str = "right") -> TaskData:
     """``n`` belief-tracking stories (see the module docstring).
 
     ``cases`` is a subset of ``("true_belief", "false_belief", "unknown")`` (or one of them, or a
     comma-separated string); ``split`` ``"train"``/``"test"`` draws characters, containers, drinks
     and places from disjoint halves; ``first_token`` scores only the first token of answers.
+
+    ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
+    examples; ``padding_side`` is ``"right"`` or ``"left"``.
     """
     if isinstance(cases, str):
         cases = [c.strip() for c in cases.split(",") if c.strip()]
@@ -166,7 +170,11 @@ def theory_of_mind(tokenizer, n: int, *, seed: int = 0, cases: list[str] | tuple
     pools = [_pool(x, split) for x in (CHARACTERS, CONTAINERS, DRINKS, PLACES)]
     rng = random.Random(seed)
     examples = [_example(rng, cases, *pools, corruption) for _ in range(n)]
-    reference = [_example(rng, cases, *pools, corruption).prompt for _ in range(n)]
-    return build_task_data("theory_of_mind", tokenizer, examples, reference, first_token=first_token,
+    if n_reference is not None and n_reference < 1:
+        raise TaskError(f"theory_of_mind: n_reference must be >= 1, got {n_reference}")
+    rng = random.Random(f"reference:{seed}")  # an independent stream: clean data does not depend on it
+    reference = [_example(rng, cases, *pools, corruption).prompt for _ in range(n_reference or n)]
+    return build_task_data("theory_of_mind", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"cases": cases, "corruption": corruption, "split": split,
-                                    "first_token": first_token, "seed": seed})
+                                    "first_token": first_token, "n_reference": n_reference,
+                                    "padding_side": padding_side, "seed": seed})
