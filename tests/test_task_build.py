@@ -210,3 +210,42 @@ def test_evaluate_equals_hand_computation(tmp_path):
     assert got["logit_diff"] == pytest.approx(sum(diff) / len(diff), rel=1e-4, abs=1e-5)
     # at another named position the metrics change (the model is scored there instead)
     assert evaluate(model, data, position="S2")["answer_prob"] != pytest.approx(got["answer_prob"])
+
+
+def sentencepiece_like_tokenizer():
+    """A Llama-style tokenizer (Metaspace, ``▁`` word prefix) built offline: " Mary" on its own is
+    ``["▁", "▁Mary"]`` but after a prompt it is ``["▁Mary"]``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "▁": 2}
+    for w in WORDS + ["Mary", "John"]:
+        vocab.setdefault("▁" + w, len(vocab))
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])  # as Llama's
+    t.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>")
+
+
+def test_answers_are_tokenised_as_they_continue_the_prompt():
+    t = sentencepiece_like_tokenizer()
+    assert t.convert_ids_to_tokens(t(" Mary", add_special_tokens=False)["input_ids"]) == ["▁", "▁Mary"]
+    d = build_task_data("toy", t, [ex("the cat ran to", " Mary", wrong_answer=" John", positions={"cat": 4})], [])
+    assert t.convert_ids_to_tokens(d.answer_ids.tolist()) == ["▁Mary"]
+    assert t.convert_ids_to_tokens(d.wrong_ids.tolist()) == ["▁John"]
+    assert t.convert_ids_to_tokens(int(d.clean.input_ids[0, d.positions["cat"][0]])) == "▁cat"
+
+
+def test_slow_tokenizer_is_a_clear_error(tok):
+    class Slow:
+        pad_token_id = 0
+        unk_token_id = None
+
+        def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+            if return_offsets_mapping:
+                raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+            return tok(text, add_special_tokens=add_special_tokens)
+
+    with pytest.raises(TaskError, match="needs a fast tokenizer"):
+        build_task_data("toy", Slow(), [ex("the cat", " sat")], [])

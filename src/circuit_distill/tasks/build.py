@@ -35,9 +35,26 @@ class Example:
     metadata: dict = field(default_factory=dict)
 
 
-def answer_token(tokenizer, text: str, *, first_token: bool = False, where: str = "") -> int:
-    """The single token id of ``text`` as a continuation; a clear ``TaskError`` if it splits."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def _continuation_ids(tokenizer, text: str, context: str | None) -> list[int]:
+    """Token ids of ``text`` as it continues ``context``: the tokens ``context + text`` adds after
+    ``context``'s own, when the two tokenise at a clean boundary; else ``text`` alone. (SentencePiece
+    tokenizers such as Llama's give ``" Mary"`` alone as ``["▁", "▁Mary"]`` but after a prompt as
+    ``["▁Mary"]``.)"""
+    alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if context is None or len(alone) <= 1:
+        return alone
+    pre = tokenizer(context, add_special_tokens=False)["input_ids"]
+    full = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+    if full[:len(pre)] == pre and len(full) > len(pre):
+        return full[len(pre):]
+    return alone
+
+
+def answer_token(tokenizer, text: str, *, first_token: bool = False, where: str = "",
+                 context: str | None = None) -> int:
+    """The single token id of ``text`` as a continuation (of ``context``, the prompt, if given);
+    a clear ``TaskError`` if it splits."""
+    ids = _continuation_ids(tokenizer, text, context)
     if not ids:
         raise TaskError(f"{where}answer {text!r} tokenises to nothing")
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -57,7 +74,11 @@ def answer_token(tokenizer, text: str, *, first_token: bool = False, where: str 
 
 
 def _encode(tokenizer, prompts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=True)
+    except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
+        raise TaskError(f"task data needs a fast tokenizer (character offsets map named positions to tokens): "
+                        f"{e}; load it with AutoTokenizer.from_pretrained(..., use_fast=True)") from None
     return enc["input_ids"], enc["offset_mapping"]
 
 
@@ -114,19 +135,21 @@ def build_task_data(name: str, tokenizer, examples: list[Example], reference: li
     def where(i: int) -> str:
         return f"task {name!r}, example {i} ({examples[i].prompt!r}): "
 
-    answers = [answer_token(tokenizer, e.answer, first_token=first_token, where=where(i))
+    answers = [answer_token(tokenizer, e.answer, first_token=first_token, where=where(i), context=e.prompt)
                for i, e in enumerate(examples)]
     wrongs = []
     for i, e in enumerate(examples):
         w = e.wrong_answer if e.wrong_answer is not None else e.corrupted_answer
-        wrongs.append(answer_token(tokenizer, w, first_token=first_token, where=where(i)) if w is not None else -1)
+        wrongs.append(answer_token(tokenizer, w, first_token=first_token, where=where(i), context=e.prompt)
+                      if w is not None else -1)
     has_corrupt = any(e.corrupted_prompt is not None for e in examples)
     if has_corrupt and not all(e.corrupted_prompt is not None for e in examples):
         raise TaskError(f"task {name!r}: either every example has a corrupted prompt or none does")
     c_prompts = [e.corrupted_prompt if has_corrupt else e.prompt for e in examples]
     c_answers = None
     if has_corrupt and all(e.corrupted_answer is not None for e in examples):
-        c_answers = torch.tensor([answer_token(tokenizer, e.corrupted_answer, first_token=first_token, where=where(i))
+        c_answers = torch.tensor([answer_token(tokenizer, e.corrupted_answer, first_token=first_token,
+                                               where=where(i), context=e.corrupted_prompt)
                                   for i, e in enumerate(examples)])
 
     prompts = [e.prompt for e in examples]
