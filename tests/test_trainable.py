@@ -14,6 +14,15 @@ from circuit_distill.errors import ConfigError
 D, H, KV, DH = 64, 4, 2, 16  # tiny models: d_model, query heads, KV heads (Llama), head width
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, especially on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     return tiny_model("llama", tmp_path_factory.mktemp("trainable") / "llama", n_heads=H, n_kv_heads=KV, d_model=D,
