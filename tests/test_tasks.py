@@ -380,6 +380,9 @@ def test_jsonl_reads_examples(tmp_path):
     assert tok.convert_ids_to_tokens(data.corrupted_answer_ids.tolist()) == ["w3", "w4", "w5"]
     assert [m["line"] for m in data.metadata] == [1, 2, 4]
     assert len(data.reference) == 2  # the unused lines
+    assert len(make_task("jsonl", tok, 3, path=path, n_reference=1).reference) == 1
+    left = make_task("jsonl", tok, 3, path=path, padding_side="left")
+    assert (left.positions["last"] == left.clean.input_ids.shape[1] - 1).all()
     with pytest.raises(TaskError, match="has 5 examples but n=9"):
         make_task("jsonl", tok, 9, path=path)
     assert len(make_task("jsonl", tok, 9, path=path, take_all=True)) == 5

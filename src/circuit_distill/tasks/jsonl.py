@@ -87,8 +87,13 @@ def vocabulary(*, path: str | Path | None = None, **_) -> list[str]:
 
 @register_task("jsonl", vocabulary=vocabulary)
 def jsonl(tokenizer, n: int, *, seed: int = 0, path: str | Path | None = None, shuffle: bool = False,
-          take_all: bool = False, first_token: bool = False) -> TaskData:
-    """The first ``n`` examples of the JSONL file at ``path`` (see the module docstring)."""
+          take_all: bool = False, first_token: bool = False, n_reference: int | None = None,
+          padding_side: str = "right") -> TaskData:
+    """The first ``n`` examples of the JSONL file at ``path`` (see the module docstring).
+
+    ``n_reference`` caps the reference set (the unused examples, in file order after any shuffle);
+    ``padding_side`` is ``"right"`` or ``"left"``.
+    """
     if path is None:
         raise TaskError("jsonl task needs path=... (a JSONL file with prompt and answer on every line)")
     examples = read_jsonl(path)
@@ -97,7 +102,11 @@ def jsonl(tokenizer, n: int, *, seed: int = 0, path: str | Path | None = None, s
     if n > len(examples) and not take_all:
         raise TaskError(f"{path} has {len(examples)} examples but n={n} were asked for; lower n or pass "
                         "take_all=True to use all of them")
-    used, rest = examples[:n], examples[n:]
+    if n_reference is not None and n_reference < 1:
+        raise TaskError(f"jsonl: n_reference must be >= 1, got {n_reference}")
+    used, rest = examples[:n], examples[n:][:n_reference]
     return build_task_data("jsonl", tokenizer, used, [e.prompt for e in rest], first_token=first_token,
+                           padding_side=padding_side,
                            options={"path": str(path), "shuffle": shuffle, "take_all": take_all,
-                                    "first_token": first_token, "seed": seed})
+                                    "first_token": first_token, "n_reference": n_reference,
+                                    "padding_side": padding_side, "seed": seed})
