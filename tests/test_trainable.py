@@ -148,7 +148,13 @@ def test_gradient_mask_zeroes_outside_slices(llama_dir):
         mask = info.masks[n]
         assert p.grad[~mask].eq(0).all() and p.grad[mask].ne(0).any()
     assert all(p.grad is None for n, p in m.hf.named_parameters() if n not in info.masks)
-    info.remove()
+    # a second call replaces the first: the old mask (head 2) must not zero head 0's gradient
+    info2 = set_trainable(m, "matched_heads", ["L1.H0"])
+    m.hf.zero_grad(set_to_none=True)
+    m(ids).pow(2).mean().backward()
+    g = m.hf.get_parameter("model.layers.1.self_attn.q_proj.weight").grad
+    assert g[:DH].ne(0).any() and g[DH:].eq(0).all()
+    assert info2.masks["model.layers.1.self_attn.q_proj.weight"][:DH].all()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed (optional extra)")

@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..model.components import Component
 
 SUBSETS = ("matched_heads", "attention", "all", "lora")
+_ATTR = "_circuit_distill_trainable"  # the model's current TrainableInfo (replaced by the next call)
 
 
 def _unwrap(model) -> tuple[nn.Module, object]:
@@ -154,9 +155,21 @@ def set_trainable(model, subset: str = "matched_heads", heads: Iterable[Componen
       projections' parameter names gain ``.base_layer``.
 
     Call ``info.restore_frozen()`` after each optimizer step (or ``info.attach(optimizer)``) for
-    ``matched_heads``; see the module docstring.
+    ``matched_heads``; see the module docstring. Calling ``set_trainable`` again on the same model
+    replaces the previous choice (its gradient masks and optimizer hooks are removed).
     """
     hf, arch = _unwrap(model)
+    prev = getattr(hf, _ATTR, None)
+    if prev is not None:  # a second call replaces the first: its gradient masks must not linger
+        prev.remove()
+    info = _set_trainable(hf, arch, model, subset, heads, train_kv, lora_r=lora_r, lora_alpha=lora_alpha,
+                          lora_dropout=lora_dropout, lora_targets=lora_targets)
+    object.__setattr__(hf, _ATTR, info)
+    return info
+
+
+def _set_trainable(hf, arch, model, subset, heads, train_kv, *, lora_r, lora_alpha, lora_dropout,
+                   lora_targets) -> TrainableInfo:
     if subset not in SUBSETS:
         raise ConfigError(f"unknown trainable subset {subset!r}; choose one of {', '.join(SUBSETS)}")
     head_list = sorted({Component.parse(h) for h in heads}) if heads is not None else []
