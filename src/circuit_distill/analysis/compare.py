@@ -94,12 +94,59 @@ class Comparison:
             "seconds": self.seconds, "warnings": list(self.warnings),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Comparison:
+        """Rebuild a ``Comparison`` from ``to_dict()`` output (e.g. a loaded comparison.json)."""
+        from ..discovery.ablation import SweepResult
+
+        def comp_map(m):
+            return {Component.parse(k): float("nan") if v is None else float(v) for k, v in m.items()}
+
+        def num(v):
+            return float("nan") if v is None else float(v)
+
+        pairs = [Pair(Component.parse(p["student"]), Component.parse(p["teacher"]), num(p["similarity"]),
+                      num(p["influence_student"]), num(p["influence_teacher"]), num(p["norm_student"]),
+                      num(p["norm_teacher"]), num(p["contribution"])) for p in d["pairs"]]
+        fields_ = Robustness.__dataclass_fields__
+        rob = {k: Robustness(**{f: (num(v) if isinstance(v, float) or v is None else v)
+                                for f, v in d[k].items() if f in fields_})
+               for k in ("teacher_robustness", "student_robustness")}
+        return cls(
+            teacher_name=d["teacher"], student_name=d["student"], task=d["task"], n_examples=int(d["n_examples"]),
+            metric=d["metric"], ablation=d["ablation"], similarity=d["similarity"], direction=d["direction"],
+            kinds=tuple(d["kinds"]), teacher_shape=tuple(d["teacher_shape"]), student_shape=tuple(d["student_shape"]),
+            teacher_params=int(d["teacher_params"]), student_params=int(d["student_params"]),
+            teacher_sweep=SweepResult.from_dict(_nan_back(d["teacher_sweep"])),
+            student_sweep=SweepResult.from_dict(_nan_back(d["student_sweep"])),
+            teacher_influence=comp_map(d["teacher_influence"]), student_influence=comp_map(d["student_influence"]),
+            teacher_drop=comp_map(d["teacher_drop"]), student_drop=comp_map(d["student_drop"]), pairs=pairs,
+            alignment=num(d["alignment"]), alignment_by_kind={k: num(v) for k, v in d["alignment_by_kind"].items()},
+            teacher_robustness=rob["teacher_robustness"], student_robustness=rob["student_robustness"],
+            compression=num(d["compression"]), brittleness={k: num(v) for k, v in d["brittleness"].items()},
+            layer_cka=[[num(v) for v in row] for row in d["layer_cka"]], position=d.get("position", "last"),
+            seconds=num(d.get("seconds", 0.0)), warnings=list(d.get("warnings", [])),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Comparison:
+        """Load a comparison.json written by ``to_json``."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """The comparison as JSON (NaN written as null); also written to ``path`` if given."""
         text = json.dumps(_no_nan(self.to_dict()), indent=indent)
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+def _nan_back(x):
+    if x is None:
+        return float("nan")
+    if isinstance(x, dict):
+        return {k: _nan_back(v) for k, v in x.items()}
+    return x
 
 
 def _no_nan(x):

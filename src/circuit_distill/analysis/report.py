@@ -59,18 +59,19 @@ def head_grid(values: dict[Component, float], shape: tuple[int, int]) -> np.ndar
     return grid
 
 
-def _annotate(ax, grid: np.ndarray, fmt: str = "{:.0f}") -> None:
+def _annotate(ax, grid: np.ndarray, vmax: float, fmt: str | None = None) -> None:
+    """Write each cell's value (dark text on the light high end of viridis/magma, light text on the dark end)."""
     n_l, n_h = grid.shape
     if n_l * n_h > 160:
         return
-    finite = grid[np.isfinite(grid)]
-    hi = finite.max() if finite.size else 0
+    if fmt is None:
+        fmt = "{:.0f}" if vmax >= 20 else "{:.1f}" if vmax >= 2 else "{:.2f}"
     for i in range(n_l):
         for j in range(n_h):
             v = grid[i, j]
             if np.isfinite(v):
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
-                        color="white" if hi and v > 0.6 * hi else "black")
+                        color="black" if vmax and v > 0.55 * vmax else "white")
 
 
 def _ticks(ax, n: int, axis: str, label: str) -> None:
@@ -95,7 +96,7 @@ def influence_heatmaps(cmp) -> str:
         ax.set_title(f"{who} head influence I (%)\n{shape[0]} layers x {shape[1]} heads")
         _ticks(ax, shape[1], "x", "head")
         _ticks(ax, shape[0], "y", "layer")
-        _annotate(ax, grid)
+        _annotate(ax, grid, vmax)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="|100 (1 - LD_abl / LD_clean)|")
     fig.tight_layout()
     return _png(fig)
@@ -113,7 +114,9 @@ def mlp_bars(cmp) -> str | None:
         if data:
             ax.bar([x for x, _ in data], [v for _, v in data], color=colour)
         ax.set_title(f"{who} MLP influence I (%) by layer")
-        ax.set_xlabel("layer")
+        n_layers = (cmp.teacher_shape if who == "Teacher" else cmp.student_shape)[0]
+        _ticks(ax, n_layers, "x", "layer")
+        ax.set_xlim(-0.6, n_layers - 0.4)
         ax.set_ylabel("influence (%)")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -136,6 +139,9 @@ def drop_histograms(cmp) -> str:
                    label=f"mean {rob.mean_drop:.1f} [{rob.ci_low:.1f}, {rob.ci_high:.1f}]")
         ax.axvline(20, color="#c0392b", linestyle=":", linewidth=1, label="20 pp (severity threshold)")
         ax.set_yscale("symlog", linthresh=1)
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.set_title(f"{who}: drop when one component is ablated (n={rob.n})")
         ax.set_xlabel("drop m = 100 - clamp(retained %, 0, 100)  (pp)")
         ax.set_ylabel("components")
@@ -154,7 +160,7 @@ def layer_cka_heatmap(cmp) -> str:
     ax.set_title("Linear CKA of residual-stream outputs")
     _ticks(ax, n_s, "x", "student layer")
     _ticks(ax, n_t, "y", "teacher layer")
-    _annotate(ax, m, "{:.2f}")
+    _annotate(ax, m, 1.0, "{:.2f}")
     fig.colorbar(im, ax=ax, label="CKA")
     fig.tight_layout()
     return _png(fig)
@@ -210,7 +216,7 @@ def render_html(cmp) -> str:
     if bars:
         figs.append(("MLP influence", bars, "Influence of each MLP layer ablated alone."))
     figs.append(("Robustness: drop histograms", drop_histograms(cmp),
-                 "Per-component drop m; log-scaled counts. Dashed: mean with 95% bootstrap CI."))
+                 "Per-component drop m (heads and MLPs stacked); counts on a symmetric-log scale. Dashed: mean with 95% bootstrap CI."))
     figs.append(("Layer correspondence", layer_cka_heatmap(cmp),
                  "Linear CKA between every teacher layer's and every student layer's residual output "
                  "over all real tokens of the task prompts."))
