@@ -242,3 +242,23 @@ def test_distributed_cka_equals_single_process(tmp_path):
             assert abs(float(local) - float(ref)) > 1e-4  # the per-rank CKA really differs
             assert abs(float(aloss) - float(aref)) < 1e-12
             assert torch.allclose(agrad, w2.grad, atol=1e-12, rtol=1e-9)
+
+
+def test_properties_hypothesis():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None)
+    @given(m=st.integers(4, 24), dx=st.integers(1, 9), dy=st.integers(1, 9), seed=st.integers(0, 10_000),
+           debiased=st.booleans())
+    def check(m, dx, dy, seed, debiased):
+        x, y = _rand(m, dx, seed), _rand(m, dy, seed + 1)
+        v = float(linear_cka(x, y, debiased=debiased))
+        assert float(linear_cka(y, x, debiased=debiased)) == pytest.approx(v, abs=1e-12)  # symmetric
+        assert (-1 if debiased else 0) - 1e-12 <= v <= 1 + 1e-12
+        perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
+        assert float(linear_cka(x[perm], y[perm], debiased=debiased)) == pytest.approx(v, abs=1e-9)
+        ref = (np_cka_ucentered if debiased else np_cka_biased)(x.numpy(), y.numpy())
+        assert v == pytest.approx(ref, abs=1e-6)
+
+    check()
