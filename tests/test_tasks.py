@@ -104,6 +104,8 @@ def test_induction_word_level_over_numbered_vocabulary():
     assert data.clean.input_ids.shape == (8, 16)  # one token per word, no padding
     assert (data.clean.attention_mask == 1).all()
     assert tok.unk_token_id not in data.clean.input_ids
+    with pytest.raises(TaskError, match=r"24 of 60 words are unknown to the tokenizer .*vocab_size="):
+        make_task("induction", tok, 8, seed=0)  # default vocab_size=64 has w36 .. w59 too
 
 
 def test_induction_segment_corruption_removes_the_copy():

@@ -150,6 +150,13 @@ def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None
     if len(pool) < seg_max + 4:
         raise TaskError(f"induction: the word pool has {len(pool)} words; need at least {seg_max + 4} "
                         "(raise vocab_size or pass more words)")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        unknown = [w for w in pool if unk in tokenizer(" " + w, add_special_tokens=False)["input_ids"]]
+        if unknown:
+            raise TaskError(f"induction: {len(unknown)} of {len(pool)} words are unknown to the tokenizer "
+                            f"(e.g. {unknown[:3]}); pass vocab_size= matching the tokenizer's numbered "
+                            "vocabulary, or words= it covers, or words='from_tokenizer'")
     rng = random.Random(seed)
     examples = [_example(rng, pool, seq_len, seg_min, seg_max, corruption) for _ in range(n)]
     if n_reference is not None and n_reference < 1:
