@@ -1,0 +1,77 @@
+"""``circuit-distill train-tiny OUT``: train a tiny entity-tracking model to a competence level."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train-tiny", help="train a tiny Llama-style entity-tracking model (teacher or warm "
+                       "student) until held-out accuracy reaches a target")
+    p.add_argument("out", help="output directory (safetensors weights, tokenizer, training.json)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--d-mlp", type=int, default=None, help="MLP width (default 4 * d_model)")
+    p.add_argument("--boxes", default="2-7", help="training box range, e.g. 2-7 (inclusive)")
+    p.add_argument("--queries", type=int, default=4, help="queries per training sequence")
+    p.add_argument("--easy-fraction", type=float, default=0.5,
+                   help="fraction of queries in the easy 'Box T object' form")
+    p.add_argument("--same-boxes-per-batch", action="store_true",
+                   help="draw one box count per batch (no padding waste) instead of one per sequence")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=20_000)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-n", type=int, default=300, help="held-out prompts per box count at each evaluation")
+    p.add_argument("--target-accuracy", type=float, default=0.99,
+                   help="stop at the first evaluation where every --target-boxes accuracy reaches this")
+    p.add_argument("--target-boxes", default="7", help="comma-separated box counts, e.g. 7,9")
+    p.add_argument("--report-boxes", default="2-9", help="box counts measured at the end, e.g. 2-9")
+    p.add_argument("--report-n", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoint.pt goes (default: OUT)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _ints(spec: str) -> list[int]:
+    from ..errors import ConfigError
+
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out += list(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(f"expected box counts like '7', '7,9' or '2-9', got {spec!r}") from None
+    return out
+
+
+def run(args) -> int:
+    from ..training.tiny import TinyTrainConfig, train_tiny
+
+    lo, hi = (_ints(args.boxes) or [0])[0], (_ints(args.boxes) or [0])[-1]
+    cfg = TinyTrainConfig(
+        n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
+        d_mlp=args.d_mlp,
+        min_boxes=lo, max_boxes=hi, n_queries=args.queries, easy_fraction=args.easy_fraction,
+        same_boxes_per_batch=args.same_boxes_per_batch, lr=args.lr,
+        warmup=args.warmup, batch_size=args.batch_size, max_steps=args.max_steps, eval_every=args.eval_every,
+        eval_n=args.eval_n, target_accuracy=args.target_accuracy, target_boxes=_ints(args.target_boxes),
+        report_boxes=_ints(args.report_boxes), report_n=args.report_n, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, threads=args.threads,
+    )
+    record = train_tiny(cfg, args.out, resume=args.resume, checkpoint_dir=args.checkpoint_dir,
+                        progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    print(json.dumps({"steps": record["steps"], "seconds": record["seconds"],
+                      "reached_target": record["reached_target"], "final_accuracy": record["final_accuracy"]}))
+    return 0

@@ -1,0 +1,241 @@
+"""Train the project's own tiny entity-tracking models (the built-in teacher and warm student).
+
+Recipe (METHOD.md §4): a Llama-style model trained from scratch on sequences made of one
+entity-tracking context followed by ``n_queries`` queries, with the loss on every answer token only.
+Half of the queries use an easier form, ``"Box T eggnog"`` (the answer right after the label), half
+the task's form, ``"Box T contains the eggnog"``; the easy form lets the binding mechanism form
+instead of sitting on the ~1/n plateau. The first query of every sequence is token-for-token a
+``make_task("entity_tracking")`` prompt, and competence is measured with ``tasks.evaluate`` on fresh
+``make_task`` prompts.
+
+Training stops at a *competence level*, not a step count: every ``eval_every`` steps the held-out
+accuracy at each of ``target_boxes`` is measured and training stops at the first evaluation where all
+of them reach ``target_accuracy`` (or at ``max_steps``). Everything is deterministic from ``seed``:
+the batch of step ``s`` is drawn from its own RNG seeded by (seed, s), so a resumed run sees the same
+data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..model.arch import build_arch
+from ..model.loading import Model, _quiet_transformers, tiny_config
+from ..model.tokenizer import word_level_tokenizer
+from ..tasks import evaluate, make_task, task_vocabulary
+from ..tasks.entity_tracking import LABELS, OBJECTS, parse_boxes
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TinyTrainConfig:
+    """Everything that defines a ``train_tiny`` run (saved with the model as ``training.json``)."""
+
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_mlp: int | None = None
+    min_boxes: int = 2
+    max_boxes: int = 7
+    n_queries: int = 4
+    easy_fraction: float = 0.5
+    # one box count per batch (drawn per step) instead of per sequence: no padding waste
+    same_boxes_per_batch: bool = False
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    max_steps: int = 20_000
+    eval_every: int = 250
+    eval_n: int = 300
+    target_accuracy: float = 0.99
+    target_boxes: list[int] = field(default_factory=lambda: [7])
+    report_boxes: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    report_n: int = 500
+    checkpoint_every: int = 500
+    seed: int = 0
+    threads: int = 2
+
+    def validate(self) -> None:
+        parse_boxes((self.min_boxes, self.max_boxes))
+        if self.max_boxes > min(len(OBJECTS), len(LABELS)):
+            raise ConfigError(f"max_boxes={self.max_boxes} exceeds the task's pools "
+                              f"({len(OBJECTS)} objects, {len(LABELS)} labels)")
+        if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
+            raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
+        if not 0.0 <= self.easy_fraction <= 1.0:
+            raise ConfigError(f"easy_fraction must be in [0, 1], got {self.easy_fraction}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        for k in ("n_queries", "batch_size", "eval_every", "eval_n", "checkpoint_every", "threads"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def entity_tokenizer():
+    """The word-level tokenizer over the ``entity_tracking`` vocabulary (shipped with the models)."""
+    return word_level_tokenizer(task_vocabulary("entity_tracking"))
+
+
+def sample_batch(cfg: TinyTrainConfig, tokenizer, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training batch of ``step``: ``input_ids [B, T]``, ``attention_mask [B, T]`` and
+    ``labels [B, T]`` (the answer token at the position that predicts it, -100 elsewhere)."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    vocab = tokenizer.get_vocab()
+    ids = lambda words: [vocab[w] for w in words]
+    rows, targets = [], []
+    batch_k = rng.randint(cfg.min_boxes, cfg.max_boxes)
+    for _ in range(cfg.batch_size):
+        k = batch_k if cfg.same_boxes_per_batch else rng.randint(cfg.min_boxes, cfg.max_boxes)
+        objs = rng.sample(OBJECTS, k)
+        labs = rng.sample(LABELS, k)
+        words: list[str] = []
+        for i, (o, lab) in enumerate(zip(objs, labs)):
+            words += (["The"] if i == 0 else [",", "the"]) + [o, "is", "in", "Box", lab]
+        words.append(".")
+        tgt = [-100] * len(words)
+        for _q in range(cfg.n_queries):
+            j = rng.randrange(k)
+            if rng.random() < cfg.easy_fraction:
+                q = ["Box", labs[j]]
+            else:
+                q = ["Box", labs[j], "contains", "the"]
+            words += q
+            tgt += [-100] * len(q)
+            tgt[-1] = vocab[objs[j]]
+            words += [objs[j], "."]
+            tgt += [-100, -100]
+        rows.append(ids(words))
+        targets.append(tgt)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (r, t) in enumerate(zip(rows, targets)):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        labels[i, :len(t)] = torch.tensor(t)
+    return input_ids, mask, labels
+
+
+def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
+    """A fresh Llama-style model, initialised from ``cfg.seed``."""
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = tiny_config("llama", n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                         d_model=cfg.d_model, d_mlp=cfg.d_mlp, vocab_size=len(tokenizer), max_positions=256)
+    torch.manual_seed(cfg.seed)
+    return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def accuracy_at(model: Model, boxes: int, n: int, seed: int) -> float:
+    """Held-out accuracy of ``model`` on ``n`` fresh ``entity_tracking`` prompts with ``boxes`` boxes."""
+    data = make_task("entity_tracking", model.tokenizer, n, seed=seed, n_boxes=boxes, n_reference=1)
+    return evaluate(model, data)["accuracy"]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = False,
+               checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict:
+    """Train a model per ``cfg``, save it (safetensors + tokenizer + ``training.json``) into ``out``
+    and return the training record (steps, seconds, eval history, final accuracies per box count).
+
+    A checkpoint (``checkpoint_dir/checkpoint.pt``, default ``out``; written atomically) lets ``resume=True`` continue a run;
+    resuming with ``max_steps`` at or below the checkpoint's step exports the checkpoint as it is.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = entity_tokenizer()
+    hf = build_model(cfg, tokenizer)
+    opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    step, elapsed, history, reached, first_loss = 0, 0.0, [], False, None
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / CHECKPOINT
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != asdict(cfg) | {"max_steps": state["config"]["max_steps"]}:
+            raise ConfigError(f"{ckpt} was written by a different configuration; use a new output "
+                              "directory or the same options")
+        hf.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, elapsed, history, reached = state["step"], state["elapsed"], state["history"], state["reached"]
+        first_loss = state.get("first_loss")
+        log(f"resumed from {ckpt} at step {step}")
+    model = Model(hf, tokenizer, build_arch(hf), name="train_tiny")
+
+    def checkpoint() -> None:
+        _atomic_save({"model": hf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "step": step, "elapsed": elapsed, "history": history, "reached": reached,
+                      "first_loss": first_loss, "config": asdict(cfg)}, ckpt)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="train-tiny", mininterval=2.0)
+    t0 = time.perf_counter()
+    while step < cfg.max_steps and not reached:
+        hf.train()
+        input_ids, mask, labels = sample_batch(cfg, tokenizer, step)
+        logits = hf(input_ids=input_ids, attention_mask=mask).logits
+        # labels already sit at the position that predicts them: no shift
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if first_loss is None:
+            first_loss = round(loss.item(), 5)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            hf.eval()
+            accs = {b: accuracy_at(model, b, cfg.eval_n, seed=10_000 + b) for b in cfg.target_boxes}
+            elapsed += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            history.append({"step": step, "loss": round(loss.item(), 5), "seconds": round(elapsed, 1),
+                            "accuracy": {str(b): a for b, a in accs.items()}})
+            log(f"step {step} loss {loss.item():.4f} " + " ".join(f"acc@{b}={a:.3f}" for b, a in accs.items())
+                + f" ({elapsed:.0f}s)")
+            reached = all(a >= cfg.target_accuracy for a in accs.values())
+        if step % cfg.checkpoint_every == 0 or reached:
+            elapsed += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            checkpoint()
+    bar.close()
+    elapsed += time.perf_counter() - t0
+    checkpoint()
+    hf.eval()
+    final = {str(b): accuracy_at(model, b, cfg.report_n, seed=20_000 + b) for b in cfg.report_boxes}
+    record = {"config": asdict(cfg), "steps": step, "seconds": round(elapsed, 1), "reached_target": reached,
+              "first_loss": first_loss, "history": history, "final_accuracy": final, "final_eval_n": cfg.report_n,
+              "params": sum(p.numel() for p in hf.parameters()),
+              "torch": torch.__version__}
+    with _quiet_transformers():
+        hf.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log("final accuracy: " + " ".join(f"{b}:{a:.3f}" for b, a in final.items()))
+    return record
