@@ -202,6 +202,9 @@ def _set_trainable(hf, arch, model, subset, heads, train_kv, *, lora_r, lora_alp
                               "the student side of the component map")
         for h in head_list:
             for s in arch.head_slices(h.layer, h.head).slices(include_kv=train_kv):
+                if s.name not in params:
+                    raise ConfigError(f"parameter {s.name} of head {h} is not in the model (were LoRA adapters "
+                                      "injected into it?); reload the model before choosing head slices")
                 p = params[s.name]
                 if s.name not in masks:
                     masks[s.name] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
