@@ -70,8 +70,13 @@ def run(args) -> int:
         report_boxes=_ints(args.report_boxes), report_n=args.report_n, checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads,
     )
+    import shlex
+    import sys
+
+    argv = sys.argv[1:]
+    command = ("circuit-distill " + " ".join(shlex.quote(a) for a in argv)) if argv[:1] == ["train-tiny"] else None
     record = train_tiny(cfg, args.out, resume=args.resume, checkpoint_dir=args.checkpoint_dir,
-                        progress=not args.no_progress, log=lambda m: print(m, flush=True))
+                        progress=not args.no_progress, log=lambda m: print(m, flush=True), command=command)
     print(json.dumps({"steps": record["steps"], "seconds": record["seconds"],
                       "reached_target": record["reached_target"], "final_accuracy": record["final_accuracy"]}))
     return 0

@@ -152,11 +152,13 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = False,
-               checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict:
+               checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, log=print,
+               command: str | None = None) -> dict:
     """Train a model per ``cfg``, save it (safetensors + tokenizer + ``training.json``) into ``out``
     and return the training record (steps, seconds, eval history, final accuracies per box count).
 
-    A checkpoint (``checkpoint_dir/checkpoint.pt``, default ``out``; written atomically) lets ``resume=True`` continue a run;
+    ``command`` (the command line that started the run) is recorded in ``training.json`` and the
+    model card (``README.md``). A checkpoint (``checkpoint_dir/checkpoint.pt``, default ``out``; written atomically) lets ``resume=True`` continue a run;
     resuming with ``max_steps`` at or below the checkpoint's step exports the checkpoint as it is.
     """
     from tqdm.auto import tqdm
@@ -232,10 +234,58 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     record = {"config": asdict(cfg), "steps": step, "seconds": round(elapsed, 1), "reached_target": reached,
               "first_loss": first_loss, "history": history, "final_accuracy": final, "final_eval_n": cfg.report_n,
               "params": sum(p.numel() for p in hf.parameters()),
-              "torch": torch.__version__}
+              "torch": torch.__version__, "command": command}
     with _quiet_transformers():
         hf.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(record))
     log("final accuracy: " + " ".join(f"{b}:{a:.3f}" for b, a in final.items()))
     return record
+
+
+def model_card(record: dict) -> str:
+    """A Markdown model card from a ``train_tiny`` record: architecture, command, steps, time,
+    stopping rule and the measured held-out accuracy per box count."""
+    c = record["config"]
+    target = ", ".join(str(b) for b in c["target_boxes"])
+    lines = [
+        "# Tiny entity-tracking model (trained by circuit-distill)",
+        "",
+        f"Llama-style, {c['n_layers']} layers, d_model {c['d_model']}, {c['n_heads']} heads, "
+        f"{c['n_kv_heads']} KV heads (GQA), MLP width {c['d_mlp'] or 4 * c['d_model']}; "
+        f"{record['params']:,} parameters; word-level tokenizer over the `entity_tracking` vocabulary.",
+        "",
+        "## Training",
+        "",
+        "```",
+        record.get("command") or "(run through the Python API: circuit_distill.training.tiny.train_tiny)",
+        "```",
+        "",
+        f"- Data: {c['min_boxes']}-{c['max_boxes']} boxes, {c['n_queries']} queries per sequence, "
+        f"{c['easy_fraction']:.0%} in the easy form `Box T object`, loss on the answers only; "
+        f"batch {c['batch_size']}, lr {c['lr']}, {c['warmup']} warmup steps, seed {c['seed']}"
+        + (", one box count per batch" if c.get("same_boxes_per_batch") else "") + ".",
+        f"- Stopping rule: the first evaluation (every {c['eval_every']} steps, {c['eval_n']} fresh prompts) "
+        f"where held-out accuracy at {target} boxes reaches {c['target_accuracy']}, or {c['max_steps']} steps.",
+        f"- Result: **{record['steps']} steps, {record['seconds'] / 60:.1f} minutes of training**, target "
+        + ("**reached**." if record["reached_target"] else "**NOT reached** (stopped earlier)."),
+        "",
+        f"## Held-out accuracy (`make_task('entity_tracking', n={record['final_eval_n']}, n_boxes=k)`, "
+        "seed 20000+k)",
+        "",
+        "| boxes | " + " | ".join(record["final_accuracy"]) + " |",
+        "|---|" + "---|" * len(record["final_accuracy"]),
+        "| accuracy | " + " | ".join(f"{a:.3f}" for a in record["final_accuracy"].values()) + " |",
+        "",
+        "Chance (a random object of the context) is 1/k at k boxes.",
+        "",
+        "## Evaluations during training",
+        "",
+        "| step | minutes | loss | " + " | ".join(f"acc@{b}" for b in c["target_boxes"]) + " |",
+        "|---|---|---|" + "---|" * len(c["target_boxes"]),
+    ]
+    for h in record["history"]:
+        lines.append(f"| {h['step']} | {h['seconds'] / 60:.1f} | {h['loss']:.3f} | "
+                     + " | ".join(f"{h['accuracy'][str(b)]:.3f}" for b in c["target_boxes"]) + " |")
+    return "\n".join(lines) + "\n"
