@@ -74,6 +74,12 @@ def test_builder_errors(tok):
         build_task_data("toy", tok, [], [])
     with pytest.raises(TaskError, match="does not know"):
         build_task_data("toy", tok, [ex("the cat", " zebra")], [])
+    with pytest.raises(TaskError, match="the prompt 'the zebra' has words the tokenizer does not know"):
+        build_task_data("toy", tok, [ex("the zebra", " sat")], [])
+    with pytest.raises(TaskError, match="the corrupted prompt 'a zebra' has words"):
+        build_task_data("toy", tok, [ex("the cat", " sat", corrupted_prompt="a zebra")], [])
+    with pytest.raises(TaskError, match="a reference prompt has words"):
+        build_task_data("toy", tok, [ex("the cat", " sat")], ["the zebra"])
     with pytest.raises(TaskError, match="position 'x' is missing"):
         build_task_data("toy", tok, [ex("the cat", " sat", positions={"x": 0}), ex("a dog", " ran")], [])
     with pytest.raises(TaskError, match="falls on no token"):

@@ -156,6 +156,18 @@ def build_task_data(name: str, tokenizer, examples: list[Example], reference: li
     rows, offs = _encode(tokenizer, prompts)
     c_rows, c_offs = _encode(tokenizer, c_prompts)
     r_rows, _ = _encode(tokenizer, list(reference) or prompts)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        for kind, batch_rows, texts in (("prompt", rows, prompts), ("corrupted prompt", c_rows, c_prompts)):
+            for i, r in enumerate(batch_rows):
+                if unk in r:
+                    raise TaskError(f"{where(i)}the {kind} {texts[i]!r} has words the tokenizer does not know "
+                                    f"(it gives {tokenizer.convert_ids_to_tokens(r)}); use a tokenizer whose "
+                                    "vocabulary covers the task (e.g. word_level_tokenizer(task_vocabulary(name, "
+                                    "**options)))")
+        if any(unk in r for r in r_rows):
+            raise TaskError(f"task {name!r}: a reference prompt has words the tokenizer does not know; use a "
+                            "tokenizer whose vocabulary covers the task")
     width = max(max(map(len, rows)), max(map(len, c_rows)))
     pad = tokenizer.pad_token_id
     clean = Batch(*_pad(rows, width, pad, padding_side), padding_side)
