@@ -1,0 +1,149 @@
+"""Teacher activation cache: the teacher's head activations and answer logits, computed once.
+
+``build_cache(teacher, train, components, positions, path)`` runs the teacher over the training set
+and writes safetensors shards (atomically: tmp file then ``os.replace``) and ``index.json``.
+``TeacherCache.load(path)`` serves the rows of a batch of example indices, so training with the
+cache runs no teacher forward. With ``positions == "all"`` each head is stored as
+``[n, seq, d_head]`` with the attention mask ``[n, seq]``; otherwise the selected rows ``[n, d_head]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError
+from ..model.components import Component, parse_components
+from ..model.hooks import capture
+from ..tasks.base import TaskData
+from .losses import select_rows
+
+INDEX = "index.json"
+FORMAT = 1
+
+
+def task_positions(td: TaskData, positions: str, idx: torch.Tensor | None = None):
+    """``"all"``, ``"last"`` or the ``[b]`` LongTensor of the named task position for rows ``idx``."""
+    if positions == "all":
+        return "all"
+    if positions not in td.positions:
+        raise ConfigError(f"positions {positions!r} is not 'all', 'last' or a position of task {td.name!r} "
+                          f"(it has: {', '.join(td.positions)})")
+    pos = td.positions[positions]
+    return pos if idx is None else pos[idx]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, td: TaskData, components: Sequence[Component], positions: str,
+                    idx: torch.Tensor | None = None) -> tuple[dict[Component, torch.Tensor], torch.Tensor]:
+    """One teacher forward on rows ``idx`` of ``td``: ``({head: [b, seq, d] if positions == "all" else
+    [b, d]}, answer logits [b, V])`` (answer at ``positions["last"]``)."""
+    b = td.clean if idx is None else td.clean.subset(idx)
+    last = td.positions["last"] if idx is None else td.positions["last"][idx]
+    with capture(teacher, list(components), detach=True) as cap:
+        logits = teacher(b.input_ids.to(teacher.device), b.attention_mask.to(teacher.device))
+        acts = {}
+        for c in components:
+            a = cap[c]
+            if positions != "all":
+                a = select_rows(a, b.attention_mask, task_positions(td, positions, idx))
+            acts[c] = a.float()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return acts, logits[rows, last.to(logits.device)].float()
+
+
+def build_cache(teacher, train: TaskData, components: Sequence[Component | str], positions: str,
+                path: str | os.PathLike, *, batch_size: int = 128, shard_rows: int = 4096) -> TeacherCache:
+    """Run ``teacher`` over ``train`` and write the cache to directory ``path``; return it loaded.
+
+    Writes ``shard-XXXXX.safetensors`` (keys: component names, ``logits [r, V]``, ``mask [r, seq]``)
+    and ``index.json`` (n, positions, components, shard row ranges, teacher name).
+    """
+    comps = sorted(set(parse_components(components)))
+    if not comps:
+        raise ConfigError("the teacher cache needs at least one teacher component")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n = len(train)
+    shards = []
+    for s0 in range(0, n, shard_rows):
+        s1 = min(n, s0 + shard_rows)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for b0 in range(s0, s1, batch_size):
+            idx = torch.arange(b0, min(s1, b0 + batch_size))
+            acts, logits = teacher_outputs(teacher, train, comps, positions, idx)
+            for c, a in acts.items():
+                parts.setdefault(str(c), []).append(a.cpu())
+            parts.setdefault("logits", []).append(logits.cpu())
+        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        tensors["mask"] = train.clean.attention_mask[s0:s1].to(torch.int8)
+        name = f"shard-{len(shards):05d}.safetensors"
+        _atomic_save(tensors, path / name)
+        shards.append({"file": name, "start": s0, "stop": s1})
+    index = {"format": FORMAT, "n": n, "positions": positions, "components": [str(c) for c in comps],
+             "teacher": getattr(teacher, "name", ""), "task": train.name, "shards": shards,
+             "seq_len": int(train.clean.input_ids.shape[1])}
+    tmp = path / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, path / INDEX)
+    return TeacherCache.load(path)
+
+
+class TeacherCache:
+    """Cached teacher rows held in memory: ``rows(idx) -> ({component: [b, seq, d] or [b, d]}, logits [b, V])``."""
+
+    def __init__(self, index: dict, tensors: dict[str, torch.Tensor], path: Path | None = None):
+        self.index = index
+        self.path = path
+        self.positions: str = index["positions"]
+        self.components = parse_components(index["components"])
+        self._t = tensors
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TeacherCache:
+        path = Path(path)
+        if not (path / INDEX).exists():
+            raise ConfigError(f"{path} is not a teacher cache (no {INDEX}); build it with build_cache(...)")
+        index = json.loads((path / INDEX).read_text())
+        parts: dict[str, list[torch.Tensor]] = {}
+        for sh in index["shards"]:
+            for k, v in load_file(str(path / sh["file"])).items():
+                parts.setdefault(k, []).append(v)
+        return cls(index, {k: torch.cat(v) for k, v in parts.items()}, path)
+
+    def __len__(self) -> int:
+        return int(self.index["n"])
+
+    def check(self, components: Sequence[Component], positions: str, n: int) -> None:
+        """Raise ``ConfigError`` unless the cache covers ``components`` at ``positions`` for ``n`` rows."""
+        missing = [str(c) for c in components if c not in self.components]
+        if missing:
+            raise ConfigError(f"the teacher cache has no {', '.join(missing)}; rebuild it (use_cache with a "
+                              "fresh out_dir) or pass the teacher")
+        if positions != self.positions:
+            raise ConfigError(f"the teacher cache was built for positions {self.positions!r}, not {positions!r}; "
+                              "rebuild it")
+        if n != len(self):
+            raise ConfigError(f"the teacher cache holds {len(self)} rows but the training set has {n}; rebuild it")
+
+    def rows(self, idx: torch.Tensor, components: Sequence[Component] | None = None
+             ) -> tuple[dict[Component, torch.Tensor], torch.Tensor]:
+        """Rows ``idx [b]``: ``({component: [b, seq, d_head] ("all") or [b, d_head]}, answer logits [b, V])``."""
+        comps = self.components if components is None else components
+        return {c: self._t[str(c)][idx] for c in comps}, self._t["logits"][idx]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Attention mask of the cached rows ``[n, seq]``."""
+        return self._t["mask"].long()

@@ -1,0 +1,167 @@
+"""Trainer: cached vs online, resume, non-finite loss, frozen weights, files written."""
+
+import json
+
+import pytest
+import torch
+
+from circuit_distill.config import DistillConfig
+from circuit_distill.distill.cache import build_cache
+from circuit_distill.distill.trainer import NonFiniteLossError, distill
+from circuit_distill.matching import ComponentMap
+from circuit_distill.model import Component, load_model, tiny_model
+from circuit_distill.tasks import make_task
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    t = tiny_model("llama", root / "teacher", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=1)
+    s = tiny_model("llama", root / "student", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=2)
+    return t, s
+
+
+@pytest.fixture
+def models(dirs):
+    return load_model(dirs[0], check=False), load_model(dirs[1], check=False)
+
+
+@pytest.fixture(scope="module")
+def data(dirs):
+    tok = load_model(dirs[1], check=False).tokenizer
+    return make_task("induction", tok, 48, seed=0, seq_len=10, segment_len=(2, 4)), make_task("induction", tok, 24, seed=1, seq_len=10, segment_len=(2, 4))
+
+
+CMAP = ComponentMap([(Component.make_head(1, 0), Component.make_head(2, 1)),
+                     (Component.make_head(1, 2), Component.make_head(1, 3))])
+
+
+def cfg(**kw):
+    base = dict(objective="ce+align_cka", steps=6, batch_size=8, lr=1e-3, eval_every=3, seed=0,
+                use_cache=False)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_cached_and_online_teacher_train_identically(models, data, dirs, tmp_path):
+    teacher, student = models
+    train, held = data
+    online = distill(student, train, teacher=teacher, component_map=CMAP, config=cfg(), progress=False)
+    student2 = load_model(dirs[1], check=False)
+    cache = build_cache(teacher, train, CMAP.teacher_components, "all", tmp_path / "c", shard_rows=20)
+    assert len(cache.index["shards"]) == 3
+    cached = distill(student2, train, teacher=None, cache=cache, component_map=CMAP, config=cfg(), progress=False)
+    steps_a = [r for r in online.history if not r.get("final")]
+    steps_b = [r for r in cached.history if not r.get("final")]
+    assert len(steps_a) == len(steps_b) == 6
+    for a, b in zip(steps_a, steps_b):
+        for k in ("ce", "align", "total"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), (k, a, b)
+    for (_, p1), (_, p2) in zip(student.hf.named_parameters(), student2.hf.named_parameters()):
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=0)
+
+
+def test_resume_gives_same_weights(dirs, data, tmp_path):
+    train, _ = data
+    teacher = load_model(dirs[0], check=False)
+    full = load_model(dirs[1], check=False)
+    distill(full, train, teacher=teacher, component_map=CMAP, config=cfg(steps=8, checkpoint_every=4),
+            out_dir=tmp_path / "full", progress=False)
+    # interrupt a second run right after its step-4 checkpoint is written
+    interrupted = load_model(dirs[1], check=False)
+    c = cfg(steps=8, checkpoint_every=4)
+    import circuit_distill.distill.trainer as tr
+
+    class Stop(Exception):
+        pass
+
+    orig = tr.torch.save
+    calls = []
+
+    def save_then_stop(obj, path):
+        orig(obj, path)
+        calls.append(path)
+        raise Stop
+
+    tr.torch.save = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            distill(interrupted, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path / "int",
+                    progress=False)
+    finally:
+        tr.torch.save = orig
+    # the checkpoint tmp was written but not yet renamed; finish the atomic write by hand
+    import os
+    os.replace(calls[0], tmp_path / "int" / "checkpoint.pt")
+    resumed = load_model(dirs[1], check=False)
+    res = distill(resumed, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path / "int",
+                  progress=False, resume=True)
+    assert res.steps == 8
+    for (n, p1), (_, p2) in zip(full.hf.named_parameters(), resumed.hf.named_parameters()):
+        assert torch.equal(p1, p2), n
+    lines = [json.loads(x) for x in (tmp_path / "int" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if not r.get("final")] == list(range(1, 9))
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(models, data, tmp_path):
+    teacher, student = models
+    train, _ = data
+    c = cfg(steps=6, checkpoint_every=2, lr=1e-3)
+    import circuit_distill.distill.trainer as tr
+
+    orig = tr.objective_loss
+    n = {"i": 0}
+
+    def bad(*a, **k):
+        total, parts = orig(*a, **k)
+        n["i"] += 1
+        return (total * float("nan") if n["i"] == 3 else total), parts
+
+    tr.objective_loss = bad
+    try:
+        with pytest.raises(NonFiniteLossError, match="non-finite loss.*step 3.*checkpoint"):
+            distill(student, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path, progress=False)
+    finally:
+        tr.objective_loss = orig
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+def test_matched_heads_leave_other_weights_identical_and_write_files(models, data, tmp_path):
+    teacher, student = models
+    train, held = data
+    before = {k: v.detach().clone() for k, v in student.hf.named_parameters()}
+    res = distill(student, train, teacher=teacher, eval_sets={"held": held}, component_map=CMAP,
+                  config=cfg(use_cache=True, weight_decay=0.1), out_dir=tmp_path, progress=False)
+    changed = [k for k, v in student.hf.named_parameters() if not torch.equal(v, before[k])]
+    assert changed and all("self_attn.q_proj" in k or "self_attn.o_proj" in k for k in changed)
+    q = dict(student.hf.named_parameters())["model.layers.1.self_attn.q_proj.weight"]
+    d = q.shape[0] // 4
+    assert torch.equal(q[d:2 * d], before["model.layers.1.self_attn.q_proj.weight"][d:2 * d])  # head 1 untouched
+    assert not torch.equal(q[:d], before["model.layers.1.self_attn.q_proj.weight"][:d])
+    assert 0 < res.trained_fraction < 0.2
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["trainable"]["count"] == res.trained_params and man["versions"]["torch"] == torch.__version__
+    assert man["config"]["objective"] == "ce+align_cka" and man["component_map"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/held/accuracy" in r for r in lines) and lines[-1]["final"]
+    assert "held" in res.final_eval and len(res.pair_cka) == 2
+    assert (tmp_path / "student" / "config.json").exists() and (tmp_path / "teacher_cache" / "index.json").exists()
+
+
+def test_random_pairs_are_seeded(models, data):
+    teacher, student = models
+    train, _ = data
+    a = distill(student, train, teacher=teacher, component_map=CMAP, config=cfg(objective="ce+random_cka", steps=1),
+                progress=False)
+    b = distill(student, train, teacher=teacher, component_map=CMAP, config=cfg(objective="ce+random_cka", steps=1),
+                progress=False)
+    assert a.component_map.pairs == b.component_map.pairs
+
+
+def test_alignment_without_map_is_a_clear_error(models, data):
+    teacher, student = models
+    from circuit_distill.errors import ConfigError
+    with pytest.raises(ConfigError, match="component map"):
+        distill(student, data[0], teacher=teacher, config=cfg(), progress=False)
