@@ -177,7 +177,9 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     ckpt = ckpt_dir / CHECKPOINT
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != asdict(cfg) | {"max_steps": state["config"]["max_steps"]}:
+        # options added after the checkpoint was written take their defaults
+        saved = asdict(TinyTrainConfig()) | state["config"]
+        if saved != asdict(cfg) | {"max_steps": saved["max_steps"], "threads": saved["threads"]}:
             raise ConfigError(f"{ckpt} was written by a different configuration; use a new output "
                               "directory or the same options")
         hf.load_state_dict(state["model"])
@@ -269,7 +271,7 @@ def model_card(record: dict) -> str:
         f"- Stopping rule: the first evaluation (every {c['eval_every']} steps, {c['eval_n']} fresh prompts) "
         f"where held-out accuracy at {target} boxes reaches {c['target_accuracy']}, or {c['max_steps']} steps.",
         f"- Result: **{record['steps']} steps, {record['seconds'] / 60:.1f} minutes of training**, target "
-        + ("**reached**." if record["reached_target"] else "**NOT reached** (stopped earlier)."),
+        + ("**reached**." if record["reached_target"] else "**NOT reached** (stopped by max_steps or by hand)."),
         "",
         f"## Held-out accuracy (`make_task('entity_tracking', n={record['final_eval_n']}, n_boxes=k)`, "
         "seed 20000+k)",
