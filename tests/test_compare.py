@@ -172,17 +172,22 @@ def test_different_depth_width_and_family(tmp_path):
     teacher = load_model(tiny_model("llama", tmp_path / "t", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=1))
     student = load_model(tiny_model("gpt2", tmp_path / "s", n_layers=2, n_heads=2, d_model=32, seed=2))
     data = _toy_task(teacher.tokenizer, n=16)
-    for direction, n_pairs in (("student_to_teacher", 2 * 2 + 2), ("teacher_to_student", 3 * 4 + 3)):
-        cmp = compare(teacher, student, data, direction=direction, n_boot=300)
-        assert len(cmp.pairs) == n_pairs
-        assert 0.0 <= cmp.alignment <= 1.0
-        assert all(p.student.kind == p.teacher.kind for p in cmp.pairs)
+    first = compare(teacher, student, data, n_boot=300)
+    assert len(first.pairs) == 2 * 2 + 2
+    # the sweeps can be reused: the reverse direction needs no new ablations
+    cmp = compare(teacher, student, data, direction="teacher_to_student", n_boot=300,
+                  teacher_sweep=first.teacher_sweep, student_sweep=first.student_sweep)
+    assert cmp.teacher_sweep is first.teacher_sweep and len(cmp.pairs) == 3 * 4 + 3
+    for c in (first, cmp):
+        assert 0.0 <= c.alignment <= 1.0
+        assert all(p.student.kind == p.teacher.kind for p in c.pairs)
     assert cmp.teacher_shape == (3, 4) and cmp.student_shape == (2, 2)
     assert len(cmp.layer_cka) == 3 and len(cmp.layer_cka[0]) == 2
     assert cmp.compression == pytest.approx((teacher.n_params - student.n_params) / teacher.n_params)
     assert len(cmp.teacher_influence) == 3 * 4 + 3 and len(cmp.student_drop) == 2 * 2 + 2
     # the CKA similarity also handles different head widths (16 vs 16) and model widths (64 vs 32)
-    ck = compare(teacher, student, data, similarity="cka", kinds=("mlp",), n_boot=300)
+    ck = compare(teacher, student, data, similarity="cka", kinds=("mlp",), n_boot=300,
+                 teacher_sweep=first.teacher_sweep, student_sweep=first.student_sweep)
     assert len(ck.pairs) == 2 and ck.kinds == ("mlp",)
     assert head_grid(cmp.student_influence, cmp.student_shape).shape == (2, 2)
 
@@ -242,6 +247,11 @@ def test_report_renders(tmp_path, pair):
     assert js["alignment"] == pytest.approx(cmp.alignment)
     assert len(js["pairs"]) == len(cmp.pairs) == js["n_pairs"]
     assert js["teacher_shape"] == [2, 4] and js["student_sweep"]["method"] == "mean"
+    # comparison.json round-trips and re-renders
+    back = Comparison.from_json(tmp_path / "rep" / "comparison.json")
+    assert back.alignment == pytest.approx(cmp.alignment) and back.pairs == cmp.pairs
+    assert json.loads(back.to_json()) == json.loads(cmp.to_json())
+    _check_html(write_report(back, tmp_path / "again"))
 
 
 def test_cli_compare(tmp_path):

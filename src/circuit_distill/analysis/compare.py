@@ -177,7 +177,8 @@ def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, po
 def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", similarity: str = "attention",
             direction: str = "student_to_teacher", kinds: Sequence[str] = ("head", "mlp"),
             metric: str = "logit_diff", position: str = "last", mlp_space: str = "samples", k: int = 3,
-            batch_size: int = 64, n_boot: int = 10_000, seed: int = 42, progress: bool | None = None) -> Comparison:
+            batch_size: int = 64, n_boot: int = 10_000, seed: int = 42, progress: bool | None = None,
+            teacher_sweep=None, student_sweep=None) -> Comparison:
     """Compare how ``teacher`` and ``student`` (any depth and width, one shared tokenizer) solve a task.
 
     Runs a single-component ``ablation`` sweep (``mean``, ``zero``, ``resample``) of every head and
@@ -185,6 +186,8 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
     tasks built with ``Example(..., positions={"mask": idx})``); turns it into influences and drops;
     matches components by ``similarity`` (``attention`` patterns + MLP subspaces, or ``cka``) in
     ``direction``; and returns the alignment score, the pair table and both models' robustness.
+    ``teacher_sweep`` / ``student_sweep``: reuse earlier sweeps (``SweepResult``) of the same task
+    (e.g. one teacher sweep for several students); they must cover every compared component.
     """
     t0 = time.perf_counter()
     if similarity not in SIMILARITIES:
@@ -205,8 +208,15 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
                              mlp_space=mlp_space, batch_size=batch_size)
     t_comps = [c for kd in kinds for c in teacher.components(kd)]
     s_comps = [c for kd in kinds for c in student.components(kd)]
-    t_sweep = _sweep(teacher, task_data, t_comps, ablation, position, batch_size, progress)
-    s_sweep = _sweep(student, task_data, s_comps, ablation, position, batch_size, progress)
+    t_sweep = teacher_sweep or _sweep(teacher, task_data, t_comps, ablation, position, batch_size, progress)
+    s_sweep = student_sweep or _sweep(student, task_data, s_comps, ablation, position, batch_size, progress)
+    for name, sw, comps in (("teacher", t_sweep, t_comps), ("student", s_sweep, s_comps)):
+        missing = [str(c) for c in comps if c not in sw.ablated]
+        if missing:
+            raise ConfigError(f"the {name} sweep lacks {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}: "
+                              "sweep every compared component")
+        if metric not in sw.clean:
+            raise ConfigError(f"the {name} sweep has no metric {metric!r}")
     for name, sw in (("teacher", t_sweep), ("student", s_sweep)):
         if sw.clean[metric] <= 0:
             warnings.append(f"the {name}'s clean {metric} is {sw.clean[metric]:.4g} <= 0: it does not solve the "
