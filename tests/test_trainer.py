@@ -165,3 +165,35 @@ def test_alignment_without_map_is_a_clear_error(models, data):
     from circuit_distill.errors import ConfigError
     with pytest.raises(ConfigError, match="component map"):
         distill(student, data[0], teacher=teacher, config=cfg(), progress=False)
+
+
+@pytest.mark.slow
+def test_cli_under_accelerate_two_processes(dirs, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo): same alignment losses as one process."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent
+    yaml_text = (f"teacher: {dirs[0]}\nstudent: {dirs[1]}\ntask: induction\n"
+                 "task_options: {seq_len: 10, segment_len: [2, 4]}\nn_train: 32\nn_eval: 16\nsteps: 3\n"
+                 "batch_size: 8\neval_every: 0\ncircuit_size: 2\nmatching: random\nquiet: false\n")
+    yaml_text = yaml_text.replace("quiet: false\n", "")
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    accel = shutil.which("accelerate", path=str(exe)) or str(exe / "accelerate")
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        cmd = [accel, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               *(["--multi_gpu"] if n == 2 else ["--cpu"]), "--num_processes", str(n), "-m", "circuit_distill.cli",
+               "distill", "--config", str(tmp_path / "c.yaml"), f"out_dir={out}", "--quiet"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["num_processes"] == n
+        runs[n] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs[1], runs[2]):
+        if "align" in a:
+            assert a["align"] == pytest.approx(b["align"], abs=1e-5)
+            assert a["ce"] == pytest.approx(b["ce"], abs=1e-4)

@@ -275,6 +275,10 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                     opt.zero_grad(set_to_none=True)
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / cfg.grad_accum
+            if distributed and parts_sum:  # log the global-batch mean, not rank 0's share
+                keys = list(parts_sum)
+                vals = acc.reduce(torch.tensor([parts_sum[k] for k in keys], device=device), "mean")
+                parts_sum = dict(zip(keys, vals.tolist()))
             step += 1
             rec = {"step": step, "lr": sched.get_last_lr()[0], **parts_sum}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:

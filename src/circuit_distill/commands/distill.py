@@ -1,0 +1,66 @@
+"""``circuit-distill distill --config FILE.yaml [key=value ...] [--resume]``: train a student on a teacher's circuit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("distill", help="circuit distillation: discover + match (unless a component map is given), "
+                                       "then train the student")
+    p.add_argument("--config", default=None, help="YAML config (keys of circuit_distill.config.DistillConfig)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 task_options.seq_len=16")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def discover_and_match(teacher, student, task_data, cfg):
+    """Circuits of both models (top ``cfg.circuit_size`` heads by ablation) and their ``ComponentMap``."""
+    from ..discovery import ablation_sweep, find_circuit
+    from ..matching import match
+
+    tc = find_circuit(teacher, task_data, top_k=cfg.circuit_size, progress=False).components
+    sc = find_circuit(student, task_data, top_k=cfg.circuit_size, progress=False).components
+    te = ablation_sweep(teacher, task_data, tc, progress=False).effect("answer_prob")
+    se = ablation_sweep(student, task_data, sc, progress=False).effect("answer_prob")
+    return match(te, se, tc, sc, method=cfg.matching, seed=cfg.seed)
+
+
+def run(args) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from ..config import load_config
+    from ..distill.trainer import distill
+    from ..errors import ConfigError
+    from ..matching import ComponentMap
+    from ..model import load_model
+    from ..tasks import make_task
+
+    cfg = load_config(args.config, args.overrides)
+    for k in ("teacher", "student", "task", "out_dir"):
+        if not getattr(cfg, k):
+            raise ConfigError(f"config key {k!r} is required for the distill command (set it in the YAML or as {k}=...)")
+    state = PartialState(cpu=not torch.cuda.is_available())  # before any other accelerate state
+    teacher = load_model(cfg.teacher, check=False)
+    student = load_model(cfg.student, check=False)
+    train = make_task(cfg.task, student.tokenizer, cfg.n_train, seed=cfg.seed, **cfg.task_options)
+    held = make_task(cfg.task, student.tokenizer, cfg.n_eval, seed=cfg.seed + 10_000, **cfg.task_options)
+    out = Path(cfg.out_dir)
+    if cfg.component_map:
+        cmap = ComponentMap.from_json(cfg.component_map)
+    elif args.resume and (out / "component_map.json").exists():
+        cmap = ComponentMap.from_json(out / "component_map.json")
+    else:
+        cmap = discover_and_match(teacher, student, train, cfg)
+        if state.is_main_process:
+            cmap.to_json(out / "component_map.json")
+    res = distill(student, train, teacher=teacher, eval_sets={"held_out": held}, component_map=cmap, config=cfg,
+                  out_dir=out, progress=not args.quiet, resume=args.resume)
+    if state.is_main_process:
+        print(json.dumps({"objective": cfg.objective, "steps": res.steps, "trained_params": res.trained_params,
+                          "trained_fraction": round(res.trained_fraction, 4), "final_eval": res.final_eval,
+                          "mean_pair_cka": res.mean_pair_cka, "out_dir": str(out)}, indent=2))
+    return 0
