@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/circuit-distill demo
 
 bench: setup
-	$(BIN)/python benchmarks/hooks.py
+	for b in hooks sweep distill_step; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
