@@ -178,8 +178,7 @@ def test_cli_under_accelerate_two_processes(dirs, tmp_path):
     exe = Path(sys.executable).parent
     yaml_text = (f"teacher: {dirs[0]}\nstudent: {dirs[1]}\ntask: induction\n"
                  "task_options: {seq_len: 10, segment_len: [2, 4]}\nn_train: 32\nn_eval: 16\nsteps: 3\n"
-                 "batch_size: 8\neval_every: 0\ncircuit_size: 2\nmatching: random\nquiet: false\n")
-    yaml_text = yaml_text.replace("quiet: false\n", "")
+                 "batch_size: 8\neval_every: 0\ncircuit_size: 2\nmatching: random\n")
     (tmp_path / "c.yaml").write_text(yaml_text)
     accel = shutil.which("accelerate", path=str(exe)) or str(exe / "accelerate")
     runs = {}

@@ -1,0 +1,115 @@
+"""Per-step cost of the circuit-distillation trainer: alignment over KD, and cached alignment over CE.
+
+Tiny Llama-style models with GQA (teacher 4 layers, d_model 128, 8 heads / 2 KV heads; student 2
+layers, d_model 64, 4 heads / 2 KV heads), induction prompts of 24 tokens, batch 32, 4 matched head
+pairs, trainable = matched heads, alignment over all non-padding positions. Each variant is a full
+``distill(...)`` call of ``--steps`` steps (setup included, so the per-step figure is conservative),
+run round-robin in one process; medians. Goals: ``ce+align_cka`` / ``kd`` (teacher online) <= 1.15;
+``ce+align_cka`` with the teacher cache / ``ce`` (no teacher) <= 1.15.
+
+Peak memory: each variant in a fresh subprocess, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
+(peak resident set of the whole process, models and task data included) and its growth during
+the training call.
+
+    .venv/bin/python benchmarks/distill_step.py [--steps 20] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from _common import interleaved_medians, print_table, write_results
+
+from circuit_distill.config import DistillConfig
+from circuit_distill.distill import build_cache, distill
+from circuit_distill.matching import ComponentMap
+from circuit_distill.model import Component, load_model, tiny_model
+from circuit_distill.tasks import make_task
+
+PAIRS = [((1, 0), (3, 1)), ((1, 2), (2, 5)), ((0, 1), (1, 7)), ((1, 3), (3, 4))]
+VARIANTS = ("kd_online", "align_online", "ce", "align_cached")
+
+
+def setup(root: Path):
+    t = tiny_model("llama", root / "t", n_layers=4, n_heads=8, n_kv_heads=2, d_model=128, seed=1)
+    s = tiny_model("llama", root / "s", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, seed=2)
+    teacher, student = load_model(t, check=False), load_model(s, check=False)
+    train = make_task("induction", student.tokenizer, 256, seed=0, seq_len=24)
+    cmap = ComponentMap([(Component.make_head(*a), Component.make_head(*b)) for a, b in PAIRS])
+    cache = build_cache(teacher, train, cmap.teacher_components, "all", root / "cache")
+    return s, teacher, train, cmap, cache
+
+
+def runner(variant: str, s_dir, teacher, train, cmap, cache, steps: int):
+    base = dict(steps=steps, batch_size=32, lr=1e-3, eval_every=0, use_cache=False, seed=0)
+    cfgs = {"kd_online": (DistillConfig(objective="kd", **base), teacher, None),
+            "align_online": (DistillConfig(objective="ce+align_cka", **base), teacher, None),
+            "ce": (DistillConfig(objective="ce", labels="gold", **base), None, None),
+            "align_cached": (DistillConfig(objective="ce+align_cka", **base), None, cache)}
+    cfg, t, c = cfgs[variant]
+    student = load_model(s_dir, check=False)
+    init = {k: v.detach().clone() for k, v in student.hf.state_dict().items()}
+
+    def run():
+        student.hf.load_state_dict(init)
+        distill(student, train, teacher=t, cache=c, component_map=cmap, config=cfg, progress=False)
+    return run
+
+
+def memory(variant: str, steps: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        s, teacher, train, cmap, cache = setup(Path(d))
+        fn = runner(variant, s, teacher, train, cmap, cache, steps)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mb": after / 1024, "growth_mb": (after - before) / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.memory:
+        memory(args.memory, args.steps)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        s, teacher, train, cmap, cache = setup(Path(d))
+        fns = {v: runner(v, s, teacher, train, cmap, cache, args.steps) for v in VARIANTS}
+        med = interleaved_medians(fns, repeats=args.repeats, warmup=1)
+    per_step = {k: v / args.steps for k, v in med.items()}
+    mem = {}
+    for v in VARIANTS:
+        r = subprocess.run([sys.executable, __file__, "--memory", v, "--steps", str(args.steps)],
+                           capture_output=True, text=True, check=True)
+        mem[v] = json.loads(r.stdout.strip().splitlines()[-1])
+    res = {
+        "align_over_kd": per_step["align_online"] / per_step["kd_online"],
+        "cached_align_over_ce": per_step["align_cached"] / per_step["ce"],
+        "goal": 1.15,
+        "step_seconds": per_step,
+        "memory": {"method": "resource.getrusage ru_maxrss, one fresh subprocess per variant (whole process)",
+                   **mem},
+        "setup": {"teacher": "llama 4L d128 8H/2KV", "student": "llama 2L d64 4H/2KV", "batch": 32, "seq": 24,
+                  "pairs": len(PAIRS), "trainable": "matched_heads", "positions": "all", "steps_per_call": args.steps,
+                  "repeats": args.repeats, "threads": 1},
+    }
+    path = write_results("distill_step", res)
+    print_table([(k, f"{per_step[k] * 1e3:.2f}", f"{mem[k]['peak_rss_mb']:.0f}", f"{mem[k]['growth_mb']:.1f}")
+                 for k in VARIANTS], ("variant", "ms/step", "peak RSS MB", "growth MB"))
+    print(f"align/kd = {res['align_over_kd']:.3f}   cached align/ce = {res['cached_align_over_ce']:.3f}"
+          f"   (goal <= 1.15)   -> {path}")
+
+
+if __name__ == "__main__":
+    main()
