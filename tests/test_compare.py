@@ -36,6 +36,16 @@ H = Component.make_head
 M = Component.make_mlp
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention (measured ~50x
+    slower with 2 threads under load), so this module runs single-threaded and restores the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- pure functions by hand ------------------------------------------------------------------
 
 def test_alignment_score_by_hand():
