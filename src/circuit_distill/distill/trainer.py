@@ -96,6 +96,11 @@ def _rows(acts: torch.Tensor, mask: torch.Tensor, pos) -> torch.Tensor:
     return acts if acts.dim() == 2 else select_rows(acts, mask, pos)
 
 
+def _flat_rows(acts: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Rows ``flat`` (indices into the flattened ``[b * seq]``) of ``acts [b, seq, d]`` -> ``[m, d]``."""
+    return acts.reshape(-1, acts.shape[-1]).index_select(0, flat)
+
+
 def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, TaskData] | None = None,
             component_map: ComponentMap | None = None, config: DistillConfig, out_dir=None,
             progress: bool | None = None, resume: bool = False,
@@ -256,8 +261,13 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                         t_logits = t_logits.to(device)
                     s_feats = t_feats = None
                     if obj.uses_align:
-                        s_feats = [select_rows(cap[s], b.attention_mask, pos) for s in s_comps]
-                        t_feats = [_rows(t_acts[t].to(device), b.attention_mask, pos) for _, t in pairs]
+                        if isinstance(pos, str) and pos == "all":  # one index for every tensor (same rows as select_rows(..., "all"))
+                            flat = b.attention_mask.reshape(-1).nonzero().squeeze(1)
+                            s_feats = [_flat_rows(cap[s], flat) for s in s_comps]
+                            t_feats = [_flat_rows(t_acts[t].to(device), flat) for _, t in pairs]
+                        else:
+                            s_feats = [select_rows(cap[s], b.attention_mask, pos) for s in s_comps]
+                            t_feats = [_rows(t_acts[t].to(device), b.attention_mask, pos) for _, t in pairs]
                     labels = (t_logits.argmax(-1) if cfg.labels == "teacher" and t_logits is not None
                               else train.answer_ids[idx].to(device))
                     loss, parts = objective_loss(obj, student_logits=s_logits, labels=labels, teacher_logits=t_logits,
