@@ -154,12 +154,16 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
     if need_teacher and cache is None and cfg.use_cache:
         if teacher is None:
             raise ConfigError(f"objective {obj.name!r} needs the teacher or a teacher cache")
-        cdir = (out / "teacher_cache") if out is not None else Path(tempfile.mkdtemp(prefix="cd-cache-"))
-        if main:
-            build_cache(teacher, train, t_comps or teacher.components("head")[:1], cfg.positions, cdir,
-                        batch_size=cfg.eval_batch_size)
-        acc.wait_for_everyone()
-        cache = TeacherCache.load(cdir)
+        comps = t_comps or teacher.components("head")[:1]
+        if out is None:  # in memory only: every rank builds its own, nothing is left on disk
+            with tempfile.TemporaryDirectory(prefix="cd-cache-") as d:
+                cache = build_cache(teacher, train, comps, cfg.positions, d, batch_size=cfg.eval_batch_size)
+                cache.path = None
+        else:
+            if main:
+                build_cache(teacher, train, comps, cfg.positions, out / "teacher_cache", batch_size=cfg.eval_batch_size)
+            acc.wait_for_everyone()
+            cache = TeacherCache.load(out / "teacher_cache")
     if need_teacher and cache is not None:
         cache.check(t_comps, cfg.positions, len(train))
     elif need_teacher and teacher is None:
