@@ -27,6 +27,7 @@ class DistillConfig:
 
     teacher: str | None = None
     student: str | None = None
+    dtype: str = "float32"  # weights of both models as loaded: float32 | bfloat16 | float16
     task: str | None = None
     task_options: dict = field(default_factory=dict)
     n_train: int = 512
@@ -65,6 +66,8 @@ class DistillConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.type))
         if self.labels not in ("teacher", "gold"):
             raise ConfigError(f"labels must be 'teacher' (teacher argmax) or 'gold', got {self.labels!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         for k in ("steps", "batch_size", "grad_accum", "n_train", "n_eval"):

@@ -125,10 +125,11 @@ def pair_ckas_on(student, teacher, td, pairs, positions: str, n: int = 128) -> l
     return [float(c) for c in pair_ckas(s_feats, t_feats)]
 
 
-def _alignment(teacher, student, td) -> tuple[float, object]:
+def _alignment(teacher, student, td, teacher_sweep=None) -> tuple[float, object]:
+    """The influence-weighted alignment score A (Distilled Circuits) of the pair, and the comparison."""
     from .analysis import compare
 
-    cmp = compare(teacher, student, td, n_boot=200, progress=False)
+    cmp = compare(teacher, student, td, n_boot=200, progress=False, teacher_sweep=teacher_sweep)
     return float(cmp.alignment), cmp
 
 
@@ -232,7 +233,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
         res = distill(student, data["train"], teacher=None, eval_sets=ev, component_map=maps[map_key], config=dc,
                       cache=cache, progress=False)
         ckas = pair_ckas_on(student, teacher, data["eval"], maps["ablation"].pairs, cfg.positions)
-        a_after, cmp = _alignment(teacher, student, data["discovery"])
+        a_after, cmp = _alignment(teacher, student, data["discovery"], cmp_before.teacher_sweep)
         if row == "ce+align_cka" and seed == cfg.seeds[0]:
             last_cmp = cmp
         runs.append({

@@ -15,9 +15,9 @@ def register(sub) -> None:
                     "teacher components by similarity, score their alignment and robustness, and write "
                     "comparison.json and a self-contained report.html. Both models must share a tokenizer.",
     )
-    p.add_argument("--teacher", required=True, help="teacher: local directory, builtin:NAME or hub id")
-    p.add_argument("--student", required=True, help="student: local directory, builtin:NAME or hub id")
-    p.add_argument("--task", required=True, help="task name (numerals, ioi, entity_tracking, ...)")
+    p.add_argument("--teacher", default=None, help="teacher: local directory, builtin:NAME or hub id")
+    p.add_argument("--student", default=None, help="student: local directory, builtin:NAME or hub id")
+    p.add_argument("--task", default=None, help="task name (numerals, ioi, entity_tracking, ...)")
     p.add_argument("--n", type=int, default=100, help="number of task examples (default 100)")
     p.add_argument("--seed", type=int, default=0, help="task seed (default 0)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -30,11 +30,49 @@ def register(sub) -> None:
     p.add_argument("--position", default="last", help="named position to score (e.g. mask for masked-LM tasks)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="torch device (default cpu)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=run)
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--config", default=None,
+                   help="YAML file whose keys are these options (e.g. configs/gpt2_to_distilgpt2_compare.yaml); "
+                        "options given on the command line win")
+    p.set_defaults(func=run, _parser=p)
+
+
+REQUIRED = ("teacher", "student", "task", "out")
+
+
+def apply_config(args) -> None:
+    """Fill options not given on the command line from ``args.config`` (YAML); unknown keys are errors."""
+    from pathlib import Path
+
+    import yaml
+
+    from ..errors import ConfigError
+
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of option names to values")
+        parser = args._parser
+        known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "func", "_parser")}
+        for key, value in data.items():
+            dest = key.replace("-", "_")
+            if dest not in known:
+                raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+            if getattr(args, dest) == parser.get_default(dest):  # not given on the command line
+                if dest == "kinds" and isinstance(value, (list, tuple)):
+                    value = ",".join(value)
+                setattr(args, dest, value)
+    missing = [k for k in REQUIRED if not getattr(args, k)]
+    if missing:
+        raise ConfigError(f"missing {', '.join('--' + k for k in missing)} (give them on the command line "
+                          "or in --config FILE.yaml)")
 
 
 def run(args) -> int:
+    apply_config(args)
     from ..analysis.compare import compare
     from ..analysis.report import write_report
     from ..model import load_model

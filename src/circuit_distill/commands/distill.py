@@ -44,8 +44,10 @@ def run(args) -> int:
         if not getattr(cfg, k):
             raise ConfigError(f"config key {k!r} is required for the distill command (set it in the YAML or as {k}=...)")
     state = PartialState(cpu=not torch.cuda.is_available())  # before any other accelerate state
-    teacher = load_model(cfg.teacher, check=False)
-    student = load_model(cfg.student, check=False)
+    # both models on this process's device (a GPU per process under accelerate launch); CKA and the
+    # losses run in fp32 whatever the weights' dtype
+    teacher = load_model(cfg.teacher, dtype=cfg.dtype, device=state.device, check=False)
+    student = load_model(cfg.student, dtype=cfg.dtype, device=state.device, check=False)
     train = make_task(cfg.task, student.tokenizer, cfg.n_train, seed=cfg.seed, **cfg.task_options)
     held = make_task(cfg.task, student.tokenizer, cfg.n_eval, seed=cfg.seed + 10_000, **cfg.task_options)
     out = Path(cfg.out_dir)
