@@ -49,9 +49,11 @@ class DemoConfig:
     warmup: int = 20
     lam: float = 1.0
     positions: str = "all"
-    train_boxes: str = "2-7"
-    eval_boxes: int = 7
-    hard_boxes: int = 9
+    # the teacher was trained on 2-7 boxes; the student is distilled on 2-5 and also tested on 7
+    # (more boxes than it is distilled on, where the teacher is still >= 0.98)
+    train_boxes: str = "2-5"
+    eval_boxes: int = 5
+    hard_boxes: int = 7
     n_train: int = 2000
     n_eval: int = 200
     n_discovery: int = 200
