@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ._io import atomic_write_text
 from .errors import ConfigError
 
 POSITIONS_HELP = "'all' (every non-padding token), 'last', or the name of a task position"
@@ -101,11 +102,7 @@ class DistillConfig:
         """The config as YAML text; also written (atomically) to ``path`` if given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_text(path, text)
         return text
 
     @classmethod

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_write_json, atomic_write_text
+
 TEACHER = "builtin:entity-tracking-teacher"
 STUDENT = "builtin:entity-tracking-student"
 # row name -> (objective preset, component-map key, trainable subset). For ``ce+random_cka`` the
@@ -75,9 +77,7 @@ def _rows(cfg: DemoConfig, maps: dict) -> dict[str, tuple[str, str, str]]:
 
 
 def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, default=float)
 
 
 def _nan_to_none(x):
@@ -319,8 +319,4 @@ def write_demo_report(results: dict, out: Path, *, cmp_before=None, cmp_after=No
     parts.append("<h2>Circuits and component maps</h2><pre>" + html.escape(json.dumps(
         {"circuits": results["circuits"], "maps": {k: v.get("pairs") for k, v in results["maps"].items()}},
         indent=1, default=str)) + "</pre></body></html>")
-    path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "report.html", "\n".join(parts))

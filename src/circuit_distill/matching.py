@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_write_json
 from .errors import ConfigError
 from .model.components import Component
 
@@ -143,10 +144,7 @@ class ComponentMap:
         return cls(pairs, dists, str(d.get("method", "unknown")), int(d.get("seed", 0)), dict(d.get("info", {})))
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ComponentMap:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write_text
 from ..errors import CircuitDistillError, ConfigError
 from ..model.components import Component
 from ..tasks.base import TaskData
@@ -137,7 +138,7 @@ class Comparison:
         """The comparison as JSON (NaN written as null); also written to ``path`` if given."""
         text = json.dumps(_no_nan(self.to_dict()), indent=indent)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_write, atomic_write_json
 from ..errors import ConfigError
 from ..model.components import Component, parse_components
 from ..model.hooks import capture
@@ -39,9 +40,7 @@ def task_positions(td: TaskData, positions: str, idx: torch.Tensor | None = None
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 @torch.no_grad()
@@ -94,9 +93,7 @@ def build_cache(teacher, train: TaskData, components: Sequence[Component | str],
     index = {"format": FORMAT, "n": n, "positions": positions, "components": [str(c) for c in comps],
              "teacher": getattr(teacher, "name", ""), "task": train.name, "shards": shards,
              "seq_len": int(train.clean.input_ids.shape[1])}
-    tmp = path / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, path / INDEX)
+    atomic_write_json(path / INDEX, index)
     return TeacherCache.load(path)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write, atomic_write_json
 from ..config import DistillConfig
 from ..errors import CircuitDistillError, ConfigError
 from ..matching import ComponentMap, match
@@ -86,9 +86,7 @@ def _versions() -> dict:
 
 
 def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)
 
 
 def _rows(acts: torch.Tensor, mask: torch.Tensor, pos) -> torch.Tensor:
@@ -234,9 +232,7 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
         state = {"params": {k: p.detach().clone() for k, p in info.named_parameters()},
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                  "step": step, "history": list(history), "config": cfg.to_dict()}
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt)
+        atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
 
     rank, world = acc.process_index, acc.num_processes
     n = len(train)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
 from ..errors import ConfigError
 from ..model.arch import build_arch
 from ..model.loading import Model, _quiet_transformers, tiny_config
@@ -146,9 +147,7 @@ def accuracy_at(model: Model, boxes: int, n: int, seed: int) -> float:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = False,
