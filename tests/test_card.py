@@ -12,7 +12,14 @@ from circuit_distill.cli import main
 from circuit_distill.model import load_model
 from circuit_distill.model.loading import ASSETS
 from circuit_distill.tasks import make_task
-from circuit_distill.training.card import CATEGORIES, END, START, attention_by_category, circuit_card, write_card
+from circuit_distill.training.card import (
+    CATEGORIES,
+    END,
+    START,
+    attention_by_category,
+    circuit_card,
+    write_card,
+)
 from circuit_distill.training.tiny import TinyTrainConfig, train_tiny
 
 
@@ -47,7 +54,7 @@ def test_attention_categories_partition_each_row_and_match_a_hand_count(tiny_dir
 def test_write_card_replaces_its_section(tiny_dir, tmp_path):
     model = load_model(tiny_dir)
     card = circuit_card(model, boxes=3, n=40, progress=False)
-    assert {h["head"] for h in card["heads"]} == {f"L{l}.H{h}" for l in range(2) for h in range(4)}
+    assert {h["head"] for h in card["heads"]} == {f"L{i}.H{h}" for i in range(2) for h in range(4)}
     assert set(card["circuit"]) == {h["head"] for h in card["heads"] if h["in_circuit"]}
     d = tmp_path / "m"
     d.mkdir()

@@ -163,3 +163,24 @@ def test_objective_loss_combines_terms():
         objective_loss("kd", student_logits=sl, labels=labels)
     with pytest.raises(ConfigError, match="student_feats"):
         objective_loss("ce+align_cka", student_logits=sl, labels=labels)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_batched_pair_ckas_equal_one_cka_per_pair_in_value_and_gradient(debiased):
+    from circuit_distill.distill.losses import pair_ckas
+    from circuit_distill.similarity import linear_cka
+
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    t = [torch.randn(40, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    t[1] = s[1].detach() @ torch.randn(8, 12, generator=g, dtype=torch.float64)  # a related pair
+    batched = pair_ckas(s, t, debiased=debiased)
+    one_by_one = torch.stack([linear_cka(a, b, debiased) for a, b in zip(s, t)])
+    assert torch.allclose(batched, one_by_one, atol=1e-12) and batched[1] > 3 * max(batched[0], batched[2])
+    gb = torch.autograd.grad(batched.sum(), s)
+    go = torch.autograd.grad(one_by_one.sum(), s)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(gb, go))
+    # a stacked tensor gives the same; mixed widths fall back to one CKA per pair
+    assert torch.allclose(pair_ckas(torch.stack(s), torch.stack(t), debiased=debiased), one_by_one, atol=1e-12)
+    mixed = pair_ckas([s[0], s[1][:, :5]], [t[0], t[1]], debiased=debiased)
+    assert torch.allclose(mixed, torch.stack([one_by_one[0], linear_cka(s[1][:, :5], t[1], debiased)]), atol=1e-12)

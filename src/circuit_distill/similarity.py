@@ -116,49 +116,76 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, *, dist
     rows of every rank (``gather_with_grad``), so the CKA is that of the global batch; ignored
     without ``torch.distributed``. Constant features give 0 (``eps`` guards the denominator; inputs
     are scale-normalised first, so it never biases a non-degenerate value). Raises ``ConfigError``
-    if there are too few rows.
+    if there are too few rows. A batch of one for ``linear_cka_batched``.
     """
     if distributed:
         x, y = gather_with_grad(x), gather_with_grad(y)
     _check_rows(x, y, debiased)
-    x, y = _prep(x), _prep(y)
+    return linear_cka_batched(_prep(x)[None], _prep(y)[None], debiased, eps=eps)[0]
+
+
+def linear_cka_batched(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, *, distributed: bool = False,
+                       eps: float = EPS) -> torch.Tensor:
+    """Linear CKA of ``P`` pairs at once: ``x [P, m, d1]`` and ``y [P, m, d2]`` -> ``[P]``.
+
+    The same values as ``linear_cka(x[p], y[p])`` for every ``p``, with a fixed number of tensor
+    operations whatever ``P`` (on CPU, a handful of pairs of small head matrices cost mostly per-op
+    overhead). ``distributed`` gathers the ``m`` rows of every rank, as ``linear_cka`` does.
+    """
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0]:
+        raise ConfigError(f"linear_cka_batched needs [P, m, d1] and [P, m, d2]; got shapes {tuple(x.shape)} "
+                          f"and {tuple(y.shape)}")
+    if distributed and _dist_active():
+        x, y = _gather_rows(x), _gather_rows(y)
+    _check_rows(x[0], y[0], debiased)
+    x = x if x.dtype == torch.float64 else x.float()
+    y = y if y.dtype == torch.float64 else y.float()
     # Centring changes neither estimator; with unit-norm inputs, fp32 sums stay far from overflow.
-    x = _unit(x - x.mean(0, keepdim=True))
-    y = _unit(y - y.mean(0, keepdim=True))
+    x = _unit(x - x.mean(1, keepdim=True))
+    y = _unit(y - y.mean(1, keepdim=True))
     if debiased:
-        return _cka_from_grams(x @ x.t(), y @ y.t(), debiased=True, eps=eps)
-    hxy = (y.t() @ x).pow(2).sum()
-    hxx = (x.t() @ x).pow(2).sum().clamp_min(_TINY).sqrt()
-    hyy = (y.t() @ y).pow(2).sum().clamp_min(_TINY).sqrt()
+        return _cka_from_grams(x @ x.transpose(1, 2), y @ y.transpose(1, 2), debiased=True, eps=eps)
+    hxy = (y.transpose(1, 2) @ x).pow(2).sum((1, 2))
+    hxx = (x.transpose(1, 2) @ x).pow(2).sum((1, 2)).clamp_min(_TINY).sqrt()
+    hyy = (y.transpose(1, 2) @ y).pow(2).sum((1, 2)).clamp_min(_TINY).sqrt()
     return hxy / (hxx * hyy).clamp_min(eps)
 
 
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """``gather_with_grad`` along the row dimension of ``x [P, m, d]``."""
+    p, m, d = x.shape
+    g = gather_with_grad(x.transpose(0, 1).reshape(m, p * d))
+    return g.reshape(g.shape[0], p, d).transpose(0, 1)
+
+
 def _unit(t: torch.Tensor) -> torch.Tensor:
-    return t / t.norm().clamp_min(_TINY)
+    """Scale each matrix of ``t [..., a, b]`` to unit Frobenius norm."""
+    return t / t.norm(dim=(-2, -1), keepdim=True).clamp_min(_TINY)
 
 
 def _center(k: torch.Tensor) -> torch.Tensor:
-    """``H K H`` with ``H = I - 11^T / m``."""
-    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    """``H K H`` with ``H = I - 11^T / m`` for each Gram matrix of ``k [..., m, m]``."""
+    return k - k.mean(-2, keepdim=True) - k.mean(-1, keepdim=True) + k.mean((-2, -1), keepdim=True)
 
 
 def _u_center(k: torch.Tensor) -> torch.Tensor:
-    """U-centred Gram matrix (Szekely & Rizzo 2014): ``<U(K), U(L)> / (m (m - 3))`` is the unbiased HSIC."""
-    m = k.shape[0]
+    """U-centred Gram matrices (Szekely & Rizzo 2014) of ``k [..., m, m]``: ``<U(K), U(L)> / (m (m - 3))``
+    is the unbiased HSIC."""
+    m = k.shape[-1]
     eye = torch.eye(m, dtype=torch.bool, device=k.device)
     k = k.masked_fill(eye, 0)
-    means = k.sum(0) / (m - 2)
-    means = means - means.sum() / (2 * (m - 1))
-    return (k - means[:, None] - means[None, :]).masked_fill(eye, 0)
+    means = k.sum(-2) / (m - 2)  # [..., m]
+    means = means - means.sum(-1, keepdim=True) / (2 * (m - 1))
+    return (k - means[..., :, None] - means[..., None, :]).masked_fill(eye, 0)
 
 
 def _cka_from_grams(kx: torch.Tensor, ky: torch.Tensor, *, debiased: bool, eps: float) -> torch.Tensor:
-    """CKA of Gram matrices ``[m, m]``: the cosine of their (U-)centred versions."""
+    """CKA of Gram matrices ``[..., m, m]``: the cosine of their (U-)centred versions -> ``[...]``."""
     kc, lc = (_u_center(kx), _u_center(ky)) if debiased else (_center(kx), _center(ky))
     kc, lc = _unit(kc), _unit(lc)  # the HSIC normalisers cancel: CKA is a cosine
-    hxx = kc.pow(2).sum().clamp_min(_TINY).sqrt()
-    hyy = lc.pow(2).sum().clamp_min(_TINY).sqrt()
-    return (kc * lc).sum() / (hxx * hyy).clamp_min(eps)
+    hxx = kc.pow(2).sum((-2, -1)).clamp_min(_TINY).sqrt()
+    hyy = lc.pow(2).sum((-2, -1)).clamp_min(_TINY).sqrt()
+    return (kc * lc).sum((-2, -1)) / (hxx * hyy).clamp_min(eps)
 
 
 # ---- RBF CKA (evaluation) -------------------------------------------------------------------------

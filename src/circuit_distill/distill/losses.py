@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..similarity import gather_with_grad, is_distributed, linear_cka
+from ..similarity import gather_with_grad, is_distributed, linear_cka, linear_cka_batched
 
 Positions = Union[str, int, torch.Tensor]
 
@@ -51,15 +51,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature ** 2
 
 
-def pair_ckas(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor], *,
-              debiased: bool = False, distributed: bool = False) -> torch.Tensor:
-    """Linear CKA of each pair: ``student_feats[i] [m, d_s]`` vs ``teacher_feats[i] [m, d_t]`` -> ``[n_pairs]``."""
+def pair_ckas(student_feats: Sequence[torch.Tensor] | torch.Tensor, teacher_feats: Sequence[torch.Tensor] | torch.Tensor,
+              *, debiased: bool = False, distributed: bool = False) -> torch.Tensor:
+    """Linear CKA of each pair: ``student_feats[i] [m, d_s]`` vs ``teacher_feats[i] [m, d_t]`` -> ``[n_pairs]``.
+
+    Either side may also be one tensor ``[n_pairs, m, d]``. Pairs of equal widths are computed in one
+    batched CKA (``linear_cka_batched``); mixed widths fall back to one CKA per pair.
+    """
     if len(student_feats) != len(teacher_feats):
         raise ConfigError(f"alignment needs as many student as teacher features, got {len(student_feats)} "
                           f"and {len(teacher_feats)}")
     if len(student_feats) == 0:
         raise ConfigError("alignment needs at least one (student, teacher) pair; check the component map")
-    teacher_feats = [t.detach() for t in teacher_feats]
+    if isinstance(teacher_feats, torch.Tensor):
+        teacher_feats = teacher_feats.detach()
+    else:
+        teacher_feats = [t.detach() for t in teacher_feats]
+    stacked = [_stack(f) for f in (student_feats, teacher_feats)]
+    if all(f is not None for f in stacked) and stacked[0].shape[1] == stacked[1].shape[1]:
+        return linear_cka_batched(stacked[0], stacked[1], debiased, distributed=distributed)
+    student_feats, teacher_feats = list(student_feats), list(teacher_feats)
     rows = {f.shape[0] for f in (*student_feats, *teacher_feats)}
     if distributed and is_distributed() and len(rows) == 1:
         # one collective per side instead of one per pair: gather [m, sum of widths] and split
@@ -76,6 +87,18 @@ def _gather_many(feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
     widths = [f.shape[1] for f in flat]
     return list(gather_with_grad(torch.cat([f.to(dtype) for f in flat], 1)).split(widths, 1))
+
+
+def _stack(feats: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor | None:
+    """``[n_pairs, m, d]`` from one tensor or a list of same-shaped ``[m, d]`` matrices, else None."""
+    if isinstance(feats, torch.Tensor):
+        if feats.dim() != 3:
+            raise ConfigError(f"stacked features must be [n_pairs, m, d], got shape {tuple(feats.shape)}")
+        return feats
+    flat = [f.reshape(f.shape[0], -1) for f in feats]
+    if len({tuple(f.shape) for f in flat}) != 1 or len({f.dtype for f in flat}) != 1:
+        return None
+    return torch.stack(flat)
 
 
 def alignment_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor], *,

@@ -94,9 +94,19 @@ def _rows(acts: torch.Tensor, mask: torch.Tensor, pos) -> torch.Tensor:
     return acts if acts.dim() == 2 else select_rows(acts, mask, pos)
 
 
-def _flat_rows(acts: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """Rows ``flat`` (indices into the flattened ``[b * seq]``) of ``acts [b, seq, d]`` -> ``[m, d]``."""
-    return acts.reshape(-1, acts.shape[-1]).index_select(0, flat)
+def _stacked_head_rows(cap, pairs, flat: torch.Tensor) -> torch.Tensor:
+    """The rows ``flat`` (indices into the flattened ``[b * seq]``) of every student head of ``pairs``
+    (sorted by student head) as one ``[n_pairs, m, d_head]`` tensor: one row selection per layer, not
+    one per head, so the alignment costs the same few operations whatever the number of pairs."""
+    blocks = []
+    for layer in sorted({s.layer for s, _ in pairs}):
+        heads = [s.head for s, _ in pairs if s.layer == layer]
+        z = cap.layer_heads(layer)  # [b, seq, H, d_head]
+        rows = z.reshape(-1, *z.shape[2:]).index_select(0, flat)  # [m, H, d_head]
+        if heads != list(range(z.shape[2])):
+            rows = rows.index_select(1, torch.tensor(heads, device=rows.device))
+        blocks.append(rows)
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).transpose(0, 1)
 
 
 def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, TaskData] | None = None,
@@ -142,6 +152,9 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
             raise ConfigError("random pairs need the teacher (or a teacher cache holding all its heads)")
         cmap = random_map(component_map, pool, cfg.seed)
     pairs = list(cmap.pairs) if cmap is not None else []
+    # the same pairs grouped by student layer, for the batched alignment over all positions (the
+    # loss is a mean over pairs, so their order does not matter)
+    stacked = sorted(pairs, key=lambda p: (p[0], p[1]))
     s_comps = [s for s, _ in pairs]
     t_comps = sorted({t for _, t in pairs})
     need_teacher_logits = obj.needs_teacher_logits or (obj.uses_ce and cfg.labels == "teacher")
@@ -263,8 +276,9 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                     if obj.uses_align:
                         if isinstance(pos, str) and pos == "all":  # one index for every tensor (same rows as select_rows(..., "all"))
                             flat = b.attention_mask.reshape(-1).nonzero().squeeze(1)
-                            s_feats = [_flat_rows(cap[s], flat) for s in s_comps]
-                            t_feats = [_flat_rows(t_acts[t].to(device), flat) for _, t in pairs]
+                            s_feats = _stacked_head_rows(cap, stacked, flat)
+                            t_feats = torch.stack([t_acts[t] for _, t in stacked]).to(device)
+                            t_feats = t_feats.reshape(len(stacked), -1, t_feats.shape[-1]).index_select(1, flat)
                         else:
                             s_feats = [select_rows(cap[s], b.attention_mask, pos) for s in s_comps]
                             t_feats = [_rows(t_acts[t].to(device), b.attention_mask, pos) for _, t in pairs]
