@@ -26,6 +26,18 @@ FAMILY_KW = {
 DECODER_FAMILIES = tuple(FAMILY_KW)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temp_files_under_pytest_basetemp(tmp_path_factory):
+    """Everything a test leaves in the default temp directory (e.g. ``tiny_model(family)`` without a
+    path) goes under pytest's base temp, which pytest prunes (it keeps the last three runs)."""
+    import tempfile
+
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = old
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """One saved tiny model directory per decoder family (built once per session)."""
