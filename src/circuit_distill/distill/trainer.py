@@ -8,6 +8,7 @@ the final student saved to ``out_dir/student``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -23,7 +24,7 @@ from ..errors import CircuitDistillError, ConfigError
 from ..matching import ComponentMap, match
 from ..model.components import Component
 from ..model.hooks import capture
-from ..model.loading import position_ids_from_mask
+from ..model.loading import _quiet_transformers, position_ids_from_mask
 from ..tasks.base import TaskData
 from ..tasks.metrics import evaluate
 from .cache import TeacherCache, build_cache, task_positions, teacher_outputs
@@ -337,7 +338,8 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
         manifest["steps"] = step
         _atomic_json(manifest, out / "manifest.json")
         sdir = out / "student"
-        acc.unwrap_model(hf).save_pretrained(sdir)
+        with _quiet_transformers() if progress is False else contextlib.nullcontext():
+            acc.unwrap_model(hf).save_pretrained(sdir)
         if getattr(student, "tokenizer", None) is not None:
             student.tokenizer.save_pretrained(sdir)
     acc.wait_for_everyone()
