@@ -236,6 +236,13 @@ def test_bert_masked_task(tmp_path):
     assert compare(teacher, teacher, data, position="mask", n_boot=300).alignment == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ConfigError, match="no position"):
         compare(teacher, student, data, position="answer")
+    # BERT's masked-LM head post-processes the final hidden state: the fast sweep says so with its own
+    # error type (compare falls back to full forwards on that type, not on the message)
+    from circuit_distill.discovery.ablation import ablation_sweep
+    from circuit_distill.errors import FastSweepUnsupported
+
+    with pytest.raises(FastSweepUnsupported):
+        ablation_sweep(teacher, data, position="mask", fast=True, progress=False)
 
 
 # ---- report and CLI ----------------------------------------------------------------------------

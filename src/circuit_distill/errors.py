@@ -23,3 +23,7 @@ class TaskError(CircuitDistillError, ValueError):
 
 class ConfigError(CircuitDistillError, ValueError):
     """A configuration key or value is invalid."""
+
+
+class FastSweepUnsupported(CircuitDistillError):
+    """The fast (layer-replay) ablation sweep cannot reproduce this model's logits; use ``fast=False``."""

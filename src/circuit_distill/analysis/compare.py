@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_text
-from ..errors import CircuitDistillError, ConfigError
+from ..errors import ConfigError, FastSweepUnsupported
 from ..model.components import Component
 from ..tasks.base import TaskData
 from .alignment import (
@@ -169,9 +169,7 @@ def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, po
         return ablation_sweep(model, task_data, comps, fast=False, **kw)
     try:
         return ablation_sweep(model, task_data, comps, fast=True, **kw)
-    except CircuitDistillError as e:
-        if "fast=False" not in str(e):
-            raise
+    except FastSweepUnsupported:
         return ablation_sweep(model, task_data, comps, fast=False, **kw)
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CircuitDistillError, ComponentError, TaskError
+from ..errors import CircuitDistillError, ComponentError, FastSweepUnsupported, TaskError
 from ..model.components import Component, parse_components
 from ..model.hooks import capture, intervene
 from ..model.loading import position_ids_from_mask
@@ -307,11 +307,11 @@ class LayerReplay:
         self.norm = self._find_norm(hf)
         self.unembed = hf.get_output_embeddings()
         if self.unembed is None:
-            raise CircuitDistillError(f"{type(hf).__name__} has no output embeddings; use fast=False")
+            raise FastSweepUnsupported(f"{type(hf).__name__} has no output embeddings; use fast=False")
         tail = self._tail(last_out[0])
         err = (tail - self.logits).abs().max().item()
         if not err <= 1e-4 * max(1.0, self.logits.abs().max().item()):
-            raise CircuitDistillError(
+            raise FastSweepUnsupported(
                 f"fast sweep: final norm + unembedding do not reproduce {type(hf).__name__}'s logits "
                 f"(max abs error {err:.3g}); this family post-processes logits. Use fast=False."
             )
@@ -323,7 +323,7 @@ class LayerReplay:
             mod = getattr(base, name, None)
             if isinstance(mod, torch.nn.Module):
                 return mod
-        raise CircuitDistillError(f"fast sweep: found no final norm ({', '.join(_FINAL_NORMS)}) in "
+        raise FastSweepUnsupported(f"fast sweep: found no final norm ({', '.join(_FINAL_NORMS)}) in "
                                   f"{type(base).__name__}; use fast=False")
 
     def hidden(self, layer: int) -> torch.Tensor:
