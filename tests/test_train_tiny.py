@@ -123,3 +123,23 @@ def test_student_asset_accuracy_in_band():
     # partially competent: near its stopping target, far from solved, well above chance (1/3)
     assert cfg["target_accuracy"] - 0.1 <= acc <= cfg["target_accuracy"] + 0.15
     assert model.summary()["params"] < load_model("builtin:entity-tracking-teacher").summary()["params"]
+
+
+def test_annealing_added_on_resume_equals_a_fresh_annealed_run(tmp_path):
+    from circuit_distill.training.tiny import lr_factor
+
+    cfg = _mini(max_steps=30, anneal_from=20)
+    assert lr_factor(cfg, 19) == 1.0 and lr_factor(cfg, 25) == pytest.approx(0.5) and lr_factor(cfg, 30) == 0.0
+    train_tiny(cfg, tmp_path / "fresh", progress=False, log=lambda m: None)
+    train_tiny(_mini(max_steps=20), tmp_path / "part", progress=False, log=lambda m: None)
+    train_tiny(cfg, tmp_path / "part", resume=True, progress=False, log=lambda m: None)
+    a, b = _weights(tmp_path / "fresh"), _weights(tmp_path / "part")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # an annealing phase that would have started before the checkpoint changes the past: refused
+    with pytest.raises(ConfigError, match="different configuration"):
+        train_tiny(_mini(max_steps=40, anneal_from=10), tmp_path / "part", resume=True, progress=False,
+                   log=lambda m: None)
+    # ... and so does moving max_steps once the annealing is under way
+    with pytest.raises(ConfigError, match="different configuration"):
+        train_tiny(_mini(max_steps=40, anneal_from=20), tmp_path / "part", resume=True, progress=False,
+                   log=lambda m: None)

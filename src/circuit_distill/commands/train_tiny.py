@@ -22,6 +22,9 @@ def register(sub) -> None:
                    help="draw one box count per batch (no padding waste) instead of one per sequence")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--anneal-from", type=int, default=None,
+                   help="from this step, lr falls linearly to 0 at --max-steps (may be added when resuming, "
+                   "if it is not before the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-steps", type=int, default=20_000)
     p.add_argument("--eval-every", type=int, default=250)
@@ -65,7 +68,7 @@ def run(args) -> int:
         d_mlp=args.d_mlp,
         min_boxes=lo, max_boxes=hi, n_queries=args.queries, easy_fraction=args.easy_fraction,
         same_boxes_per_batch=args.same_boxes_per_batch, lr=args.lr,
-        warmup=args.warmup, batch_size=args.batch_size, max_steps=args.max_steps, eval_every=args.eval_every,
+        warmup=args.warmup, anneal_from=args.anneal_from, batch_size=args.batch_size, max_steps=args.max_steps, eval_every=args.eval_every,
         eval_n=args.eval_n, target_accuracy=args.target_accuracy, target_boxes=_ints(args.target_boxes),
         report_boxes=_ints(args.report_boxes), report_n=args.report_n, checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads,

@@ -54,6 +54,8 @@ class TinyTrainConfig:
     same_boxes_per_batch: bool = False
     lr: float = 1e-3
     warmup: int = 200
+    # constant lr after warmup; from this step on it falls linearly to 0 at max_steps (None: never)
+    anneal_from: int | None = None
     weight_decay: float = 0.01
     batch_size: int = 64
     max_steps: int = 20_000
@@ -78,6 +80,8 @@ class TinyTrainConfig:
             raise ConfigError(f"easy_fraction must be in [0, 1], got {self.easy_fraction}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        if self.anneal_from is not None and not 0 <= self.anneal_from < self.max_steps:
+            raise ConfigError(f"anneal_from must be in [0, max_steps), got {self.anneal_from}")
         for k in ("n_queries", "batch_size", "eval_every", "eval_n", "checkpoint_every", "threads"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -146,6 +150,14 @@ def accuracy_at(model: Model, boxes: int, n: int, seed: int) -> float:
     return evaluate(model, data)["accuracy"]
 
 
+def lr_factor(cfg: TinyTrainConfig, step: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, constant, then (``anneal_from``) linear to 0."""
+    f = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.anneal_from is not None and step >= cfg.anneal_from:
+        f *= max(0.0, (cfg.max_steps - step) / (cfg.max_steps - cfg.anneal_from))
+    return f
+
+
 def _atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -169,7 +181,7 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     tokenizer = entity_tokenizer()
     hf = build_model(cfg, tokenizer)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     step, elapsed, history, reached, first_loss = 0, 0.0, [], False, None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +190,14 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
         state = torch.load(ckpt, weights_only=False)
         # options added after the checkpoint was written take their defaults
         saved = asdict(TinyTrainConfig()) | state["config"]
-        if saved != asdict(cfg) | {"max_steps": saved["max_steps"], "threads": saved["threads"]}:
+        # free to change: max_steps, threads, and an annealing phase that starts at or after the
+        # checkpoint (the schedule so far is unchanged, so a fresh run with the new options is identical)
+        free = {"threads": saved["threads"]}
+        if saved["anneal_from"] is None or saved["anneal_from"] >= state["step"]:
+            free["max_steps"] = saved["max_steps"]  # (an annealing slope under way depends on it)
+        if all(a is None or a >= state["step"] for a in (saved["anneal_from"], cfg.anneal_from)):
+            free["anneal_from"] = saved["anneal_from"]
+        if saved != asdict(cfg) | free:
             raise ConfigError(f"{ckpt} was written by a different configuration; use a new output "
                               "directory or the same options")
         hf.load_state_dict(state["model"])
@@ -265,7 +284,9 @@ def model_card(record: dict) -> str:
         "",
         f"- Data: {c['min_boxes']}-{c['max_boxes']} boxes, {c['n_queries']} queries per sequence, "
         f"{c['easy_fraction']:.0%} in the easy form `Box T object`, loss on the answers only; "
-        f"batch {c['batch_size']}, lr {c['lr']}, {c['warmup']} warmup steps, seed {c['seed']}"
+        f"batch {c['batch_size']}, lr {c['lr']}, {c['warmup']} warmup steps"
+        + (f", lr falling linearly to 0 from step {c['anneal_from']} to {c['max_steps']}"
+           if c.get("anneal_from") is not None else "") + f", seed {c['seed']}"
         + (", one box count per batch" if c.get("same_boxes_per_batch") else "") + ".",
         f"- Stopping rule: the first evaluation (every {c['eval_every']} steps, {c['eval_n']} fresh prompts) "
         f"where held-out accuracy at {target} boxes reaches {c['target_accuracy']}, or {c['max_steps']} steps.",
