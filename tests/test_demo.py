@@ -54,3 +54,15 @@ def test_demo_overrides_are_checked():
         parse_overrides(DemoConfig(), ["lr_max=1"])
     with pytest.raises(ConfigError, match="expects int"):
         parse_overrides(DemoConfig(), ["steps=abc"])
+
+
+def test_demo_on_the_shipped_models_small_budget(tmp_path):
+    """The default models (what ``make demo`` loads): the teacher solves the task at both box counts, the
+    warm student is partly competent, and one short run per row completes."""
+    cfg = DemoConfig(seeds=[0], steps=3, batch_size=8, n_train=64, n_eval=60, n_discovery=40, eval_every=0,
+                     extra_matchers=[])
+    res = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert res["teacher"]["acc"] >= 0.95 and res["teacher"]["acc_hard"] >= 0.9
+    assert 1 / cfg.eval_boxes < res["student_before"]["acc"] < 0.8
+    assert set(res["rows"]) == set(PAPER_ROWS)
+    assert res["rows"]["ce+align_cka"]["trained_param_fraction"] < 0.2
