@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -112,21 +113,12 @@ def attention_patterns(model, batch: Batch, layers: Iterable[int] | None = None,
     prompts that have an ``i``-th token. ``T`` = the longest prompt. Switches the model to eager
     attention for the call (SDPA and flash attention return no patterns) and back afterwards.
     """
-    hf = model.hf
     layers = list(range(model.arch.n_layers)) if layers is None else sorted(set(layers))
     T = int(batch.attention_mask.sum(1).max())
     H = model.arch.n_heads
     sums = {layer: torch.zeros(H, T, T, dtype=torch.float64) for layer in layers}
     counts = torch.zeros(T, dtype=torch.float64)
-    was = getattr(hf.config, "_attn_implementation", None)
-    switched = was != "eager"
-    if switched:
-        if not hasattr(hf, "set_attn_implementation"):
-            raise CircuitDistillError(
-                f"{type(hf).__name__} runs {was!r} attention, which returns no attention patterns; load it "
-                "with load_model(..., attn_implementation='eager') or use similarity='cka'")
-        hf.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         for s in range(0, len(batch), batch_size):
             b = batch.subset(slice(s, s + batch_size)).to(model.device)
             out = _forward_attn(model, b)
@@ -138,10 +130,27 @@ def attention_patterns(model, batch: Batch, layers: Iterable[int] | None = None,
                 for layer in layers:
                     a = out[layer][r].float().cpu()  # [H, seq, seq]
                     sums[layer][:, :L, :L] += a[:, real][:, :, real].double()
+    return {layer: (sums[layer] / counts.clamp(min=1)[None, :, None]).float() for layer in layers}
+
+
+@contextmanager
+def eager_attention(model):
+    """Run ``model`` with eager attention inside the block (SDPA and flash attention return no
+    patterns), then switch back to what it had."""
+    hf = model.hf
+    was = getattr(hf.config, "_attn_implementation", None)
+    switched = was != "eager"
+    if switched:
+        if not hasattr(hf, "set_attn_implementation"):
+            raise CircuitDistillError(
+                f"{type(hf).__name__} runs {was!r} attention, which returns no attention patterns; load it "
+                "with load_model(..., attn_implementation='eager') or use similarity='cka'")
+        hf.set_attn_implementation("eager")
+    try:
+        yield
     finally:
         if switched:
             hf.set_attn_implementation(was)
-    return {layer: (sums[layer] / counts.clamp(min=1)[None, :, None]).float() for layer in layers}
 
 
 def _forward_attn(model, b: Batch) -> tuple[torch.Tensor, ...]:

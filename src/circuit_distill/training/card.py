@@ -40,16 +40,12 @@ def _word_sets(model) -> tuple[set[int], set[int]]:
 @torch.no_grad()
 def attention_by_category(model, td, *, batch_size: int = 64) -> dict[str, dict[str, list[list[float]]]]:
     """``query -> category -> [layer][head]`` mean attention mass (see the module docstring)."""
-    from ..analysis.alignment import _forward_attn
+    from ..analysis.alignment import _forward_attn, eager_attention
 
-    hf = model.hf
     L, H = model.arch.n_layers, model.arch.n_heads
     objects, labels = _word_sets(model)
     sums = {q: torch.zeros(len(CATEGORIES), L, H, dtype=torch.float64) for q in QUERIES}
-    was = getattr(hf.config, "_attn_implementation", None)
-    if was != "eager":
-        hf.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         for s in range(0, len(td), batch_size):
             idx = torch.arange(s, min(s + batch_size, len(td)))
             b = td.clean.subset(idx).to(model.device)
@@ -75,9 +71,6 @@ def attention_by_category(model, td, *, batch_size: int = 64) -> dict[str, dict[
                     row = atts[r, :, :, qpos, :] * mask[r]  # [L, H, k]
                     for j in range(len(CATEGORIES)):
                         sums[q][j] += row[:, :, c == j].sum(-1).double()
-    finally:
-        if was != "eager":
-            hf.set_attn_implementation(was)
     n = max(1, len(td))
     return {q: {name: (sums[q][j] / n).tolist() for j, name in enumerate(CATEGORIES)} for q in QUERIES}
 
