@@ -11,7 +11,7 @@ import torch
 
 from circuit_distill.distill.losses import alignment_loss
 from circuit_distill.errors import CircuitDistillError, ConfigError
-from circuit_distill.similarity import cka_matrix, gather_with_grad, linear_cka, rbf_cka
+from circuit_distill.similarity import cka_matrix, gather_with_grad, linear_cka, linear_cka_batched, rbf_cka
 
 
 def _rand(m: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -140,6 +140,41 @@ def test_gradcheck(debiased):
     x = _rand(7, 3, 0).requires_grad_(True)
     y = _rand(7, 4, 1).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: linear_cka(a, b, debiased=debiased), (x, y))
+
+
+def _autograd_cka(x, y):
+    """The biased linear CKA formula left to autograd (reference for the hand-written backward)."""
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    hxy = (y.transpose(1, 2) @ x).pow(2).sum((1, 2))
+    hxx = (x.transpose(1, 2) @ x).pow(2).sum((1, 2)).sqrt()
+    hyy = (y.transpose(1, 2) @ y).pow(2).sum((1, 2)).sqrt()
+    return hxy / (hxx * hyy)
+
+
+def test_batched_backward_matches_autograd_and_gradcheck():
+    x = torch.randn(3, 40, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 40, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64)
+    gx, gy = torch.autograd.grad((linear_cka_batched(x, y) * w).sum(), (x, y))
+    rx, ry = torch.autograd.grad((_autograd_cka(x, y) * w).sum(), (x, y))
+    torch.testing.assert_close(gx, rx, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gy, ry, rtol=1e-9, atol=1e-12)
+    xs, ys = (t.detach()[:, :9, :3].clone().requires_grad_(True) for t in (x, y))
+    assert torch.autograd.gradcheck(lambda a, b: linear_cka_batched(a, b), (xs, ys))
+    # float32 inputs: the same gradient to float32 precision
+    xf = x.detach().float().requires_grad_(True)
+    gf, = torch.autograd.grad(linear_cka_batched(xf, y.detach().float()).sum(), xf)
+    rf, = torch.autograd.grad(_autograd_cka(x, y.detach()).sum(), x)
+    torch.testing.assert_close(gf.double(), rf, rtol=1e-4, atol=1e-6)
+
+
+def test_constant_features_give_zero_cka_and_finite_zero_gradient():
+    x = torch.ones(2, 10, 4, requires_grad=True)
+    y = torch.randn(2, 10, 3)
+    c = linear_cka_batched(x, y)
+    assert torch.equal(c, torch.zeros(2))
+    g, = torch.autograd.grad(c.sum(), x)
+    assert torch.equal(g, torch.zeros_like(g))
 
 
 def test_rbf_cka():

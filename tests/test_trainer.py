@@ -196,3 +196,44 @@ def test_cli_under_accelerate_two_processes(dirs, tmp_path):
         if "align" in a:
             assert a["align"] == pytest.approx(b["align"], abs=1e-5)
             assert a["ce"] == pytest.approx(b["ce"], abs=1e-4)
+
+
+def _right_padded(td, drop: int = 3):
+    """``td`` with the last ``drop`` tokens of every even row turned into padding (mask 0, ``last`` moved)."""
+    import dataclasses
+
+    from circuit_distill.tasks.base import Batch
+
+    mask = td.clean.attention_mask.clone()
+    last = td.positions["last"].clone()
+    mask[::2, -drop:] = 0
+    last[::2] = mask.shape[1] - drop - 1
+    return dataclasses.replace(td, clean=Batch(td.clean.input_ids, mask), positions={**td.positions, "last": last})
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logged_alignment_equals_per_pair_cka_by_hand(models, data, dirs, padded):
+    """The trainer's batched alignment (one row selection per layer, one batched CKA) logs the same
+    step-1 loss as one ``select_rows(..., "all")`` + CKA per pair on the same batch and weights."""
+    from circuit_distill.distill.cache import teacher_outputs
+    from circuit_distill.distill.losses import alignment_loss, select_rows
+    from circuit_distill.distill.trainer import batch_indices
+    from circuit_distill.model.hooks import capture
+
+    teacher, student = models
+    train = _right_padded(data[0]) if padded else data[0]
+    assert bool((train.clean.attention_mask == 0).any()) == padded
+    c = cfg(steps=1, eval_every=0)
+    logged = distill(student, train, teacher=teacher, component_map=CMAP, config=c, progress=False).history[0]
+    fresh = load_model(dirs[1], check=False)
+    idx = batch_indices(len(train), c.batch_size, 0, c.seed)
+    b = train.clean.subset(idx)
+    s_comps = [s for s, _ in CMAP.pairs]
+    with capture(fresh, s_comps, detach=True) as cap:
+        fresh(b.input_ids, b.attention_mask)
+        s_feats = [select_rows(cap[s], b.attention_mask, "all") for s in s_comps]
+    t_acts, _ = teacher_outputs(teacher, train, CMAP.teacher_components, "all", idx)
+    t_feats = [select_rows(t_acts[t], b.attention_mask, "all") for _, t in CMAP.pairs]
+    assert s_feats[0].shape[0] == int(b.attention_mask.sum())
+    assert logged["align"] == pytest.approx(float(alignment_loss(s_feats, t_feats)), abs=1e-6)
+    assert logged["step_seconds"] > 0

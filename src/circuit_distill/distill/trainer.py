@@ -13,6 +13,7 @@ import json
 import math
 import platform
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,15 +96,17 @@ def _rows(acts: torch.Tensor, mask: torch.Tensor, pos) -> torch.Tensor:
     return acts if acts.dim() == 2 else select_rows(acts, mask, pos)
 
 
-def _stacked_head_rows(cap, pairs, flat: torch.Tensor) -> torch.Tensor:
-    """The rows ``flat`` (indices into the flattened ``[b * seq]``) of every student head of ``pairs``
-    (sorted by student head) as one ``[n_pairs, m, d_head]`` tensor: one row selection per layer, not
-    one per head, so the alignment costs the same few operations whatever the number of pairs."""
+def _stacked_head_rows(cap, pairs, flat: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``flat`` (indices into the flattened ``[b * seq]``; None = all of them) of every student
+    head of ``pairs`` (sorted by student head) as one ``[n_pairs, m, d_head]`` tensor: one row selection
+    per layer, not one per head, so the alignment costs the same few operations whatever the number of pairs."""
     blocks = []
     for layer in sorted({s.layer for s, _ in pairs}):
         heads = [s.head for s, _ in pairs if s.layer == layer]
         z = cap.layer_heads(layer)  # [b, seq, H, d_head]
-        rows = z.reshape(-1, *z.shape[2:]).index_select(0, flat)  # [m, H, d_head]
+        rows = z.reshape(-1, *z.shape[2:])  # [b * seq, H, d_head]
+        if flat is not None:
+            rows = rows.index_select(0, flat)  # [m, H, d_head]
         if heads != list(range(z.shape[2])):
             rows = rows.index_select(1, torch.tensor(heads, device=rows.device))
         blocks.append(rows)
@@ -255,6 +258,7 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
     hf.train()
     try:
         while step < cfg.steps:
+            t_step = time.perf_counter()
             parts_sum: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 idx_all = batch_indices(n, cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed)
@@ -277,9 +281,13 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                     if obj.uses_align:
                         if isinstance(pos, str) and pos == "all":  # one index for every tensor (same rows as select_rows(..., "all"))
                             flat = b.attention_mask.reshape(-1).nonzero().squeeze(1)
+                            if flat.numel() == b.attention_mask.numel():
+                                flat = None  # no padding: every row, no selection
                             s_feats = _stacked_head_rows(cap, stacked, flat)
                             t_feats = torch.stack([t_acts[t] for _, t in stacked]).to(device)
-                            t_feats = t_feats.reshape(len(stacked), -1, t_feats.shape[-1]).index_select(1, flat)
+                            t_feats = t_feats.reshape(len(stacked), -1, t_feats.shape[-1])
+                            if flat is not None:
+                                t_feats = t_feats.index_select(1, flat)
                         else:
                             s_feats = [select_rows(cap[s], b.attention_mask, pos) for s in s_comps]
                             t_feats = [_rows(t_acts[t].to(device), b.attention_mask, pos) for _, t in pairs]
@@ -305,7 +313,9 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                 vals = acc.reduce(torch.tensor([parts_sum[k] for k in keys], device=device), "mean")
                 parts_sum = dict(zip(keys, vals.tolist()))
             step += 1
-            rec = {"step": step, "lr": sched.get_last_lr()[0], **parts_sum}
+            # wall time of the optimisation step (batches, forward, losses, backward, update; not the evaluation)
+            rec = {"step": step, "lr": sched.get_last_lr()[0], **parts_sum,
+                   "step_seconds": time.perf_counter() - t_step}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 rec.update(_eval_record(student, teacher, eval_sets, pairs, cfg, cache, train))
                 hf.train()
