@@ -9,6 +9,7 @@ from circuit_distill import tiny_model
 from circuit_distill.commands.demo import parse_overrides
 from circuit_distill.demo import PAPER_ROWS, DemoConfig, run_demo
 from circuit_distill.errors import ConfigError
+from circuit_distill.model import Component
 from circuit_distill.training.tiny import entity_tokenizer
 
 
@@ -54,6 +55,26 @@ def test_demo_overrides_are_checked():
         parse_overrides(DemoConfig(), ["lr_max=1"])
     with pytest.raises(ConfigError, match="expects int"):
         parse_overrides(DemoConfig(), ["steps=abc"])
+
+
+def test_demo_train_kv_adds_the_mapped_heads_kv_groups(pair, tmp_path):
+    """``--set train_kv=true``: each head-scoped row trains the q rows and o columns of its mapped heads
+    plus the k and v rows of their GQA groups (counted by hand); ce@all is unchanged."""
+    cfg = DemoConfig(teacher=pair[0], student=pair[1], seeds=[0], steps=2, batch_size=8, n_train=32, n_eval=16,
+                     n_discovery=24, eval_every=0, circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4,
+                     extra_matchers=[], train_kv=True)
+    res = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
+    d_model, n_heads, n_kv = 32, 4, 2
+    d_head = d_model // n_heads
+    student_heads = {Component.parse(p["student"]) for p in res["maps"]["ablation"]["pairs"]}
+    groups = {(h.layer, h.head // (n_heads // n_kv)) for h in student_heads}
+    expected = 2 * d_head * d_model * (len(student_heads) + len(groups))
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    by_row = {r["row"]: r for r in runs}
+    assert by_row["ce+align_cka"]["trained_params"] == expected
+    assert by_row["ce@all"]["trained_param_fraction"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="trainable must be"):
+        parse_overrides(DemoConfig(), ["trainable=all"])
 
 
 def test_demo_on_the_shipped_models_small_budget(tmp_path):

@@ -2,11 +2,11 @@
 teacher into the warm student, every method of the paper's table, several seeds, one report.
 
 Protocol (fixed before comparing rows; see ``DemoConfig``): the same training prompts, the same
-number of steps, the same learning rate and the same trainable subset (the matched student heads'
-query rows and output-projection columns) for every row; only the objective (and, for the
-``@hungarian`` / ``@cka`` rows, the component map) changes. ``ce@all`` trains every parameter with
-CE as a reference. Each seed changes the data order of every row alike (the seed is shared by the
-rows), never the data itself.
+number of steps, the same learning rate and the same trainable subset for every row (by default the
+matched student heads' query rows and output-projection columns; see ``DemoConfig.trainable`` and
+``train_kv``); only the objective (and, for the ``@hungarian`` / ``@cka`` rows, the component map)
+changes. ``ce@all`` trains every parameter with CE as a reference. Each seed changes the data order
+of every row alike (the seed is shared by the rows), never the data itself.
 """
 
 from __future__ import annotations
@@ -63,16 +63,29 @@ class DemoConfig:
     circuit_top_k: int = 4
     data_seed: int = 1234
     extra_matchers: list[str] = field(default_factory=lambda: list(OUR_MATCHERS))
+    # what every row but ce@all trains: "matched_heads" (the paper's: query rows and output-projection
+    # columns of the mapped student heads) or "attention" (all attention weights); ``train_kv`` adds the
+    # mapped heads' GQA key/value groups to "matched_heads"
+    trainable: str = "matched_heads"
+    train_kv: bool = False
+
+    def __post_init__(self) -> None:
+        from .errors import ConfigError
+
+        if self.trainable not in ("matched_heads", "attention"):
+            raise ConfigError(f"demo setting trainable must be 'matched_heads' or 'attention', got {self.trainable!r} "
+                              "(the ce@all row already trains everything)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _rows(cfg: DemoConfig, maps: dict) -> dict[str, tuple[str, str, str]]:
-    rows = dict(PAPER_ROWS)
+    rows = {name: (obj, key, cfg.trainable if subset == "matched_heads" else subset)
+            for name, (obj, key, subset) in PAPER_ROWS.items()}
     for m in cfg.extra_matchers:
         if m in maps and maps[m].pairs != maps["ablation"].pairs:
-            rows[f"ce+align_cka@{m}"] = ("ce+align_cka", m, "matched_heads")
+            rows[f"ce+align_cka@{m}"] = ("ce+align_cka", m, cfg.trainable)
     return rows
 
 
@@ -231,6 +244,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
         student = load_model(cfg.student)
         dc = DistillConfig(objective=objective, seed=seed, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                            warmup=cfg.warmup, lam=cfg.lam, positions=cfg.positions, trainable=subset,
+                           train_kv=cfg.train_kv and subset == "matched_heads",
                            eval_every=cfg.eval_every, labels="teacher", use_cache=True)
         res = distill(student, data["train"], teacher=None, eval_sets=ev, component_map=maps[map_key], config=dc,
                       cache=cache, progress=False)
