@@ -55,6 +55,9 @@ def test_demo_overrides_are_checked():
         parse_overrides(DemoConfig(), ["lr_max=1"])
     with pytest.raises(ConfigError, match="expects int"):
         parse_overrides(DemoConfig(), ["steps=abc"])
+    assert parse_overrides(DemoConfig(), ["extra_matchers=[ablation_norm]"]).extra_matchers == ["ablation_norm"]
+    with pytest.raises(ConfigError, match="unknown demo matcher"):
+        parse_overrides(DemoConfig(), ["extra_matchers=[hungrian]"])
 
 
 def test_demo_train_kv_adds_the_mapped_heads_kv_groups(pair, tmp_path):

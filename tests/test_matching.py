@@ -53,6 +53,24 @@ def test_degenerate_map_is_flagged():
     assert cmap.quality()["degenerate"] and cmap.quality()["n_teacher_distinct"] == 1
 
 
+def test_normalized_ablation_matching_by_hand():
+    # the weak student of the degenerate case: scaled by each circuit's largest |dP| (0.6 and 0.02) the
+    # effects become teacher {0, 1, 0.667} and student {0.5, 0, 1}
+    te = {"L0.H0": 0.0, "L1.H0": 0.6, "L1.H1": 0.4}
+    se = {"L0.H0": 0.01, "L0.H1": 0.0, "L1.H0": 0.02}
+    cmap = match(te, se, list(te), list(se), "ablation", normalize=True)
+    # 0.5 -> |0.5-0| = 0.5, |0.5-1| = 0.5, |0.5-0.667| = 0.167 -> L1.H1; 0 -> L0.H0; 1 -> L1.H0
+    assert _pairs(cmap) == [("L0.H0", "L1.H1"), ("L0.H1", "L0.H0"), ("L1.H0", "L1.H0")]
+    assert cmap.distances == pytest.approx([1 / 6, 0.0, 0.0])
+    assert cmap.info["normalize"] == pytest.approx({"teacher": 0.6, "student": 0.02})
+    assert not cmap.quality()["degenerate"]
+    assert ComponentMap.from_dict(cmap.to_dict()).pairs == cmap.pairs
+    with pytest.raises(ConfigError, match="normalize"):
+        match(te, se, list(te), list(se), "cka", normalize=True, teacher_acts={}, student_acts={})
+    with pytest.raises(ConfigError, match="non-zero effect"):
+        match(te, {k: 0.0 for k in se}, list(te), list(se), "ablation", normalize=True)
+
+
 def test_hungarian_one_to_one():
     te = {"L0.H0": 0.0, "L1.H0": 0.6, "L1.H1": 0.4}
     se = {"L0.H0": 0.01, "L0.H1": 0.0, "L1.H0": 0.02}
@@ -168,6 +186,14 @@ def test_cli(tmp_path, capsys):
     cmap = ComponentMap.from_json(out)
     assert _pairs(cmap) == [("L0.H1", "L0.H3"), ("L1.H0", "L0.H0"), ("L1.H2", "L1.H1"), ("L1.H3", "L0.H0")]
     assert "3 distinct teacher heads of 4" in capsys.readouterr().out
+    rc = main(["match", "--teacher-effects", str(tmp_path / "te.json"), "--student-effects", str(tmp_path / "se.json"),
+               "--method", "ablation", "--normalize", "--out", str(out)])
+    assert rc == 0
+    normed = ComponentMap.from_json(out)
+    assert normed.info["normalize"] == pytest.approx({"teacher": max(TEACHER.values()),
+                                                      "student": max(STUDENT.values())})
+    assert normed.pairs == match(TEACHER, STUDENT, list(TEACHER), list(STUDENT), normalize=True).pairs
+    capsys.readouterr()
     rc = main(["match", "--teacher-effects", str(tmp_path / "missing.json"), "--student-effects",
                str(tmp_path / "se.json"), "--out", str(out)])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -35,7 +35,8 @@ PAPER_ROWS: dict[str, tuple[str, str, str]] = {
     "align_cka": ("align_cka", "ablation", "matched_heads"),
     "ce@all": ("ce", "ablation", "all"),
 }
-OUR_MATCHERS = ("hungarian", "cka")
+OUR_MATCHERS = ("hungarian", "cka")  # the default extra rows
+EXTRA_MATCHERS = (*OUR_MATCHERS, "ablation_norm")  # ablation_norm: the paper's rule on per-model normalised effects
 
 
 @dataclass
@@ -72,6 +73,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         from .errors import ConfigError
 
+        unknown = [m for m in self.extra_matchers if m not in EXTRA_MATCHERS]
+        if unknown:
+            raise ConfigError(f"unknown demo matcher(s) {', '.join(map(repr, unknown))} in extra_matchers; "
+                              f"choose from {', '.join(EXTRA_MATCHERS)}")
         if self.trainable not in ("matched_heads", "attention"):
             raise ConfigError(f"demo setting trainable must be 'matched_heads' or 'attention', got {self.trainable!r} "
                               "(the ce@all row already trains everything)")
@@ -165,7 +170,8 @@ def discover_and_match(teacher, student, td, cfg: DemoConfig, log=print) -> dict
             f"sweep {sweep.seconds:.1f}s)")
     tc, sc = out["teacher"]["circuit"].components, out["student"]["circuit"].components
     te, se = out["teacher"]["effects"], out["student"]["effects"]
-    maps = {"ablation": match(te, se, tc, sc, "ablation"), "hungarian": match(te, se, tc, sc, "hungarian")}
+    maps = {"ablation": match(te, se, tc, sc, "ablation"), "hungarian": match(te, se, tc, sc, "hungarian"),
+            "ablation_norm": match(te, se, tc, sc, "ablation", normalize=True)}
     # the cka matcher compares head activations over the same prompts (all real positions)
     from .distill.losses import select_rows
 

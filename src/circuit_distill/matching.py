@@ -15,6 +15,12 @@ Methods (``match(..., method=...)``):
   replacement) from a generator seeded by ``seed``. The distance is ``|dP_s - dP_t|`` when effects
   are available, else NaN.
 
+``normalize=True`` (``ablation``, ``hungarian``, and the ``random`` distances): divide each model's
+effects by the largest ``|dP|`` in its own circuit before taking distances, so a head is matched by its
+share of its model's effect rather than by the raw size. A teacher that answers with probability
+near 1 has large ``dP`` and a weak student small ones; unnormalised, every student head then lands on
+the teacher head with the smallest effect. ``info["normalize"]`` records the scales used.
+
 ``ComponentMap.quality()`` reports how degenerate a map is (distinct teacher heads, the largest
 reuse of one teacher head, ties): ablation matching with a weak student tends to send every
 student head to the same near-zero-effect teacher head.
@@ -203,13 +209,14 @@ def match(teacher_effects: Mapping[Component, float] | None, student_effects: Ma
           teacher_circuit, student_circuit, method: str = "ablation", seed: int = 0, *,
           teacher_acts: Mapping[Component, torch.Tensor] | None = None,
           student_acts: Mapping[Component, torch.Tensor] | None = None,
-          debiased: bool = False) -> ComponentMap:
+          debiased: bool = False, normalize: bool = False) -> ComponentMap:
     """Pair every student circuit component with a teacher circuit component (see the module docstring).
 
     ``*_effects``: ablation effects ``dP`` per component (keys may be names like ``"L1.H2"``);
     ``*_circuit``: a list of components/names or an object with ``.components``; ``*_acts``
     (``cka`` only): ``{component: Tensor[m, d]}`` with rows aligned over the same ``m`` inputs in
-    both models. Pairs come out in student forward order. Raises ``ConfigError`` on unknown methods,
+    both models. ``normalize``: compare effects as fractions of each model's largest ``|dP|`` over its
+    circuit. Pairs come out in student forward order. Raises ``ConfigError`` on unknown methods,
     empty circuits or missing effects/activations.
     """
     method = str(method).lower()
@@ -228,6 +235,16 @@ def match(teacher_effects: Mapping[Component, float] | None, student_effects: Ma
         _need(te, tc, "teacher")
         _need(se, sc, "student")
     have_effects = all(c in te for c in tc) and all(c in se for c in sc)
+    if normalize:
+        if method == "cka" or not have_effects:
+            raise ConfigError("normalize=True rescales ablation effects: it needs both models' effects and "
+                              "method ablation, hungarian or random (not cka)")
+        scale = {"teacher": max(abs(te[t]) for t in tc), "student": max(abs(se[c]) for c in sc)}
+        if min(scale.values()) <= 0:
+            raise ConfigError(f"normalize=True needs a non-zero effect in each circuit; largest |dP|: {scale}")
+        te = {t: te[t] / scale["teacher"] for t in tc}
+        se = {c: se[c] / scale["student"] for c in sc}
+        info["normalize"] = scale
     dist = [[abs(se[s] - te[t]) for t in tc] for s in sc] if have_effects else None
 
     pairs: list[tuple[Component, Component]] = []

@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--teacher-acts", help="cka: teacher activations {name: [m, d]} (.safetensors or torch.save)")
     p.add_argument("--student-acts", help="cka: student activations {name: [m, d]} on the same inputs")
     p.add_argument("--debiased", action="store_true", help="cka: debiased (unbiased-HSIC) CKA")
+    p.add_argument("--normalize", action="store_true",
+                   help="ablation/hungarian/random: compare effects as fractions of each model's largest |dP| in its "
+                        "circuit (helps when a weak student's effects are all small)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control")
     p.add_argument("--out", required=True, help="where to write the component map JSON")
     p.add_argument("--json", action="store_true", help="print the map as JSON instead of a table")
@@ -42,7 +45,8 @@ def run(args) -> int:
         raise ConfigError("pass --teacher-circuit and --student-circuit (or effects files to take them from)")
     ta = load_acts(args.teacher_acts) if args.teacher_acts else None
     sa = load_acts(args.student_acts) if args.student_acts else None
-    cmap = match(te, se, tc, sc, args.method, args.seed, teacher_acts=ta, student_acts=sa, debiased=args.debiased)
+    cmap = match(te, se, tc, sc, args.method, args.seed, teacher_acts=ta, student_acts=sa, debiased=args.debiased,
+                 normalize=args.normalize)
     cmap.to_json(args.out)
     q = cmap.quality()
     if args.json:
@@ -55,5 +59,5 @@ def run(args) -> int:
               f"(max reuse {q['max_teacher_reuse']}), method {cmap.method}; wrote {args.out}")
     if q["degenerate"]:
         print(f"warning: every student head maps to the same teacher head {q['most_used_teacher']}; the student "
-              "may be too weak for ablation matching (try --method hungarian or cka)", file=sys.stderr)
+              "may be too weak for ablation matching (try --normalize, or --method hungarian or cka)", file=sys.stderr)
     return 0
