@@ -58,6 +58,9 @@ def test_demo_overrides_are_checked():
     assert parse_overrides(DemoConfig(), ["extra_matchers=[ablation_norm]"]).extra_matchers == ["ablation_norm"]
     with pytest.raises(ConfigError, match="unknown demo matcher"):
         parse_overrides(DemoConfig(), ["extra_matchers=[hungrian]"])
+    assert parse_overrides(DemoConfig(), ["circuit=pruned", "circuit_threshold=0.1"]).circuit == "pruned"
+    with pytest.raises(ConfigError, match="circuit must be"):
+        parse_overrides(DemoConfig(), ["circuit=top4"])
 
 
 def test_demo_train_kv_adds_the_mapped_heads_kv_groups(pair, tmp_path):

@@ -61,7 +61,11 @@ class DemoConfig:
     n_eval: int = 200
     n_discovery: int = 200
     eval_every: int = 50
+    # each model's circuit: the circuit_top_k heads of largest mean-ablation effect ("top_k"), or
+    # iterative pruning that keeps what costs more than circuit_threshold of the metric ("pruned")
+    circuit: str = "top_k"
     circuit_top_k: int = 4
+    circuit_threshold: float = 0.2
     data_seed: int = 1234
     extra_matchers: list[str] = field(default_factory=lambda: list(OUR_MATCHERS))
     # what every row but ce@all trains: "matched_heads" (the paper's: query rows and output-projection
@@ -77,6 +81,8 @@ class DemoConfig:
         if unknown:
             raise ConfigError(f"unknown demo matcher(s) {', '.join(map(repr, unknown))} in extra_matchers; "
                               f"choose from {', '.join(EXTRA_MATCHERS)}")
+        if self.circuit not in ("top_k", "pruned"):
+            raise ConfigError(f"demo setting circuit must be 'top_k' or 'pruned', got {self.circuit!r}")
         if self.trainable not in ("matched_heads", "attention"):
             raise ConfigError(f"demo setting trainable must be 'matched_heads' or 'attention', got {self.trainable!r} "
                               "(the ce@all row already trains everything)")
@@ -154,8 +160,8 @@ def _alignment(teacher, student, td, teacher_sweep=None) -> tuple[float, object]
 
 
 def discover_and_match(teacher, student, td, cfg: DemoConfig, log=print) -> dict:
-    """Both circuits (top-k heads by mean-ablation effect on logit difference), the effects dP on
-    answer probability, and the component maps of every matcher."""
+    """Both circuits (top-k heads by mean-ablation effect on logit difference, or pruned; see
+    ``DemoConfig.circuit``), the effects dP on answer probability, and the component maps of every matcher."""
     from .discovery import ablation_sweep, find_circuit
     from .matching import match
     from .model import capture
@@ -164,7 +170,8 @@ def discover_and_match(teacher, student, td, cfg: DemoConfig, log=print) -> dict
     for side, m in (("teacher", teacher), ("student", student)):
         sweep = ablation_sweep(m, td, m.components("head"), metrics=("answer_prob", "logit_diff", "accuracy"),
                                progress=False)
-        circ = find_circuit(m, td, method="ablation", top_k=cfg.circuit_top_k, metric="logit_diff", progress=False)
+        circ = find_circuit(m, td, method="ablation", top_k=cfg.circuit_top_k if cfg.circuit == "top_k" else None,
+                            threshold=cfg.circuit_threshold, metric="logit_diff", progress=False)
         out[side] = {"sweep": sweep, "circuit": circ, "effects": sweep.effect("answer_prob")}
         log(f"  {side}: circuit {', '.join(map(str, circ.components))} (faithfulness {circ.faithfulness:.2f}; "
             f"sweep {sweep.seconds:.1f}s)")
