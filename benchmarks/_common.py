@@ -14,18 +14,25 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each function, run round-robin so machine noise hits all of them alike."""
+def interleaved_runs(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+                     ) -> dict[str, list[tuple[float, object]]]:
+    """Run the functions round-robin (so machine noise hits all of them alike) after ``warmup`` rounds;
+    per function, ``(wall seconds, return value)`` of every timed call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    runs: dict[str, list[tuple[float, object]]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            out = fn()
+            runs[k].append((time.perf_counter() - t0, out))
+    return runs
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, run round-robin (``interleaved_runs``)."""
+    return {k: statistics.median(t for t, _ in v) for k, v in interleaved_runs(fns, repeats, warmup).items()}
 
 
 def machine() -> dict:

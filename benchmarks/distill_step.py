@@ -29,11 +29,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _common import print_table, write_results
+from _common import interleaved_runs, print_table, write_results
 
 from circuit_distill.config import DistillConfig
 from circuit_distill.distill import build_cache, distill
@@ -85,17 +84,10 @@ def memory(variant: str, steps: int) -> None:
 def step_times(fns: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Round-robin calls (one warm-up round): every step time but each call's first, and the median
     whole-call time per step, per variant."""
-    for fn in fns.values():
-        fn()
-    steps: dict[str, list[float]] = {k: [] for k in fns}
-    calls: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            times = fn()
-            calls[k].append((time.perf_counter() - t0) / len(times))
-            steps[k].extend(times[1:])
-    return steps, {k: statistics.median(v) for k, v in calls.items()}
+    runs = interleaved_runs(fns, repeats, warmup=1)
+    steps = {k: [t for _, times in v for t in times[1:]] for k, v in runs.items()}
+    calls = {k: statistics.median(sec / len(times) for sec, times in v) for k, v in runs.items()}
+    return steps, calls
 
 
 def main() -> None:

@@ -140,12 +140,20 @@ def linear_cka_batched(x: torch.Tensor, y: torch.Tensor, debiased: bool = False,
     _check_rows(x[0], y[0], debiased)
     x = x if x.dtype == torch.float64 else x.float()
     y = y if y.dtype == torch.float64 else y.float()
-    # Centring changes neither estimator; with unit-norm inputs, fp32 sums stay far from overflow.
     if debiased:
-        x = _unit(x - x.mean(1, keepdim=True))
-        y = _unit(y - y.mean(1, keepdim=True))
+        x, y = _centred_unit(x)[0], _centred_unit(y)[0]
         return _cka_from_grams(x @ x.transpose(1, 2), y @ y.transpose(1, 2), debiased=True, eps=eps)
     return _BiasedLinearCKA.apply(x, y, eps)
+
+
+def _centred_unit(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-centre each matrix of ``t [P, m, d]`` and scale it to unit Frobenius norm -> ``(tn, norm [P, 1, 1])``.
+
+    Centring changes neither CKA estimator, nor does scale; with unit-norm inputs, fp32 sums stay far
+    from overflow."""
+    tc = t - t.mean(1, keepdim=True)
+    s = tc.norm(dim=(1, 2), keepdim=True).clamp_min(_TINY)
+    return tc / s, s
 
 
 class _BiasedLinearCKA(torch.autograd.Function):
@@ -162,10 +170,7 @@ class _BiasedLinearCKA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-        xc, yc = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-        sx = xc.norm(dim=(1, 2), keepdim=True).clamp_min(_TINY)
-        sy = yc.norm(dim=(1, 2), keepdim=True).clamp_min(_TINY)
-        xn, yn = xc / sx, yc / sy  # centring and scale change neither estimator; fp32 stays far from overflow
+        (xn, sx), (yn, sy) = _centred_unit(x), _centred_unit(y)
         a, b, c = xn.transpose(1, 2) @ xn, yn.transpose(1, 2) @ yn, yn.transpose(1, 2) @ xn
         # per-pair scalars kept as [P, 1, 1]
         hxy = c.pow(2).sum((1, 2), keepdim=True)

@@ -280,9 +280,9 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                     s_feats = t_feats = None
                     if obj.uses_align:
                         if isinstance(pos, str) and pos == "all":  # one index for every tensor (same rows as select_rows(..., "all"))
-                            flat = b.attention_mask.reshape(-1).nonzero().squeeze(1)
-                            if flat.numel() == b.attention_mask.numel():
-                                flat = None  # no padding: every row, no selection
+                            # no padding: every row, no selection
+                            flat = (None if bool(b.attention_mask.all())
+                                    else b.attention_mask.reshape(-1).nonzero().squeeze(1))
                             s_feats = _stacked_head_rows(cap, stacked, flat)
                             t_feats = torch.stack([t_acts[t] for _, t in stacked]).to(device)
                             t_feats = t_feats.reshape(len(stacked), -1, t_feats.shape[-1])
