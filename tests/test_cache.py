@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from circuit_distill.distill.cache import TeacherCache, build_cache, teacher_outputs
-from circuit_distill.distill.losses import select_rows
 from circuit_distill.distill.objectives import objective_loss
 from circuit_distill.errors import ConfigError
 from circuit_distill.model import Component, capture, load_model, tiny_model
 from circuit_distill.tasks import make_task
+from circuit_distill.tasks.positions import select_rows
 
 T = [Component.make_head(2, 1), Component.make_head(0, 3)]
 S = [Component.make_head(1, 0), Component.make_head(0, 2)]

@@ -11,13 +11,12 @@ from circuit_distill.distill.losses import (
     alignment_loss,
     ce_loss,
     kd_loss,
-    last_positions,
     pair_ckas,
-    select_rows,
 )
 from circuit_distill.distill.objectives import OBJECTIVES, get_objective, objective_loss
 from circuit_distill.errors import ConfigError
 from circuit_distill.similarity import linear_cka
+from circuit_distill.tasks.positions import last_positions, select_rows
 
 
 def test_ce_by_hand():

@@ -190,8 +190,8 @@ def test_lora_without_peft_says_how_to_install(llama_dir, monkeypatch):
 
 def test_alignment_training_end_to_end(llama_dir, tmp_path):
     """capture -> select_rows('all') -> align_cka objective -> masked AdamW: CKA rises, frozen entries stay."""
-    from circuit_distill.distill.losses import select_rows
     from circuit_distill.distill.objectives import objective_loss
+    from circuit_distill.tasks.positions import select_rows
 
     student = load_model(llama_dir)
     teacher = load_model(tiny_model("llama", tmp_path / "teacher", n_heads=4, n_kv_heads=2, d_model=96, seed=5))

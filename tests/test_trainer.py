@@ -216,9 +216,10 @@ def test_logged_alignment_equals_per_pair_cka_by_hand(models, data, dirs, padded
     """The trainer's batched alignment (one row selection per layer, one batched CKA) logs the same
     step-1 loss as one ``select_rows(..., "all")`` + CKA per pair on the same batch and weights."""
     from circuit_distill.distill.cache import teacher_outputs
-    from circuit_distill.distill.losses import alignment_loss, select_rows
+    from circuit_distill.distill.losses import alignment_loss
     from circuit_distill.distill.trainer import batch_indices
     from circuit_distill.model.hooks import capture
+    from circuit_distill.tasks.positions import select_rows
 
     teacher, student = models
     train = _right_padded(data[0]) if padded else data[0]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from ._io import atomic_write_text
 from .errors import ConfigError
+from .files import atomic_write_text
 
 POSITIONS_HELP = "'all' (every non-padding token), 'last', or the name of a task position"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 
 TEACHER = "builtin:entity-tracking-teacher"
 STUDENT = "builtin:entity-tracking-student"
@@ -132,9 +132,10 @@ def make_data(cfg: DemoConfig, tokenizer) -> dict:
 @torch.no_grad()
 def pair_ckas_on(student, teacher, td, pairs, positions: str, n: int = 128) -> list[float]:
     """CKA of each (student head, teacher head) pair on the first ``n`` prompts of ``td``."""
-    from .distill.cache import task_positions, teacher_outputs
-    from .distill.losses import pair_ckas, select_rows
+    from .distill.cache import teacher_outputs
+    from .distill.losses import pair_ckas
     from .model import capture
+    from .tasks.positions import select_rows, task_positions
 
     if not pairs:
         return []
@@ -180,7 +181,7 @@ def discover_and_match(teacher, student, td, cfg: DemoConfig, log=print) -> dict
     maps = {"ablation": match(te, se, tc, sc, "ablation"), "hungarian": match(te, se, tc, sc, "hungarian"),
             "ablation_norm": match(te, se, tc, sc, "ablation", normalize=True)}
     # the cka matcher compares head activations over the same prompts (all real positions)
-    from .distill.losses import select_rows
+    from .tasks.positions import select_rows
 
     b = td.clean.subset(torch.arange(min(128, len(td))))
     acts = {}

@@ -27,3 +27,7 @@ class ConfigError(CircuitDistillError, ValueError):
 
 class FastSweepUnsupported(CircuitDistillError):
     """The fast (layer-replay) ablation sweep cannot reproduce this model's logits; use ``fast=False``."""
+
+
+class PositionError(TaskError, ConfigError):
+    """A named token position that the task does not have (a task error and a configuration error)."""

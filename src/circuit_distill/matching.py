@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write_json
 from .errors import ConfigError
+from .files import atomic_write_json
 from .model.components import Component
 
 METHODS = ("ablation", "hungarian", "cka", "random")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_text
 from ..errors import ConfigError, FastSweepUnsupported
+from ..files import atomic_write_text
 from ..model.components import Component
 from ..tasks.base import TaskData
 from .alignment import (

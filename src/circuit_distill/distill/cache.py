@@ -17,26 +17,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write, atomic_write_json
 from ..errors import ConfigError
+from ..files import atomic_write, atomic_write_json
 from ..model.components import Component, parse_components
 from ..model.hooks import capture
 from ..tasks.base import TaskData
-from .losses import select_rows
+from ..tasks.positions import select_rows, task_positions
 
 INDEX = "index.json"
 FORMAT = 1
-
-
-def task_positions(td: TaskData, positions: str, idx: torch.Tensor | None = None):
-    """``"all"``, ``"last"`` or the ``[b]`` LongTensor of the named task position for rows ``idx``."""
-    if positions == "all":
-        return "all"
-    if positions not in td.positions:
-        raise ConfigError(f"positions {positions!r} is not 'all', 'last' or a position of task {td.name!r} "
-                          f"(it has: {', '.join(td.positions)})")
-    pos = td.positions[positions]
-    return pos if idx is None else pos[idx]
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:

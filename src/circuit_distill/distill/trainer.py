@@ -19,17 +19,18 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, atomic_write_json
 from ..config import DistillConfig
 from ..errors import CircuitDistillError, ConfigError
+from ..files import atomic_write, atomic_write_json
 from ..matching import ComponentMap, match
 from ..model.components import Component
 from ..model.hooks import capture
-from ..model.loading import _quiet_transformers, position_ids_from_mask
+from ..model.loading import position_ids_from_mask, quiet_transformers
 from ..tasks.base import TaskData
 from ..tasks.metrics import evaluate
-from .cache import TeacherCache, build_cache, task_positions, teacher_outputs
-from .losses import pair_ckas, select_rows
+from ..tasks.positions import select_rows, task_positions
+from .cache import TeacherCache, build_cache, teacher_outputs
+from .losses import pair_ckas
 from .objectives import get_objective, objective_loss
 from .trainable import set_trainable
 
@@ -348,7 +349,7 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
         manifest["steps"] = step
         _atomic_json(manifest, out / "manifest.json")
         sdir = out / "student"
-        with _quiet_transformers() if progress is False else contextlib.nullcontext():
+        with quiet_transformers() if progress is False else contextlib.nullcontext():
             acc.unwrap_model(hf).save_pretrained(sdir)
         if getattr(student, "tokenizer", None) is not None:
             student.tokenizer.save_pretrained(sdir)

@@ -22,7 +22,7 @@ ENCODER_FAMILIES = ("bert", "distilbert")
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide transformers' own per-shard progress bars while we load or save tiny files."""
     from transformers.utils import logging as hf_logging
 
@@ -141,7 +141,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     dtype = dtype or torch.float32
     auto = AutoModelForMaskedLM if spec.name in ENCODER_FAMILIES else AutoModelForCausalLM
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             hf = auto.from_pretrained(path, dtype=dtype, **kw, **extra)
         except TypeError:  # transformers 4.5x spells it torch_dtype
@@ -292,7 +292,7 @@ def tiny_model(family: str, path: str | os.PathLike | None = None, *, n_layers: 
     hf = auto.from_config(cfg)
     path = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix=f"tiny-{family}-"))
     path.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         hf.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..errors import PositionError
+
 
 @dataclass
 class Batch:
@@ -62,6 +64,14 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(self.clean)
+
+    def position(self, name: str) -> torch.Tensor:
+        """The named position ``[n]`` (into ``clean``); the one place that checks a position's name."""
+        if name not in self.positions:
+            raise PositionError(f"position {name!r} is not a position of task {self.name!r} "
+                                f"(it has: {', '.join(sorted(self.positions))}; 'all' is accepted where "
+                                "every real token is meant)")
+        return self.positions[name]
 
     def subset(self, idx) -> TaskData:
         """Rows ``idx`` (a slice, list or LongTensor) of every per-example field; the reference set is kept."""

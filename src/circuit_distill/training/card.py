@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
 
 CATEGORIES = ("query_label", "earlier_label", "answer_object", "other_objects", "other_labels", "self", "rest")
 QUERIES = ("last", "earlier_label")

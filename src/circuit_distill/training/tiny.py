@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write
 from ..errors import ConfigError
+from ..files import atomic_write
 from ..model.arch import build_arch
-from ..model.loading import Model, _quiet_transformers, tiny_config
+from ..model.loading import Model, quiet_transformers, tiny_config
 from ..model.tokenizer import word_level_tokenizer
 from ..tasks import evaluate, make_task, task_vocabulary
 from ..tasks.entity_tracking import LABELS, OBJECTS, parse_boxes
@@ -255,7 +255,7 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
               "first_loss": first_loss, "history": history, "final_accuracy": final, "final_eval_n": cfg.report_n,
               "params": sum(p.numel() for p in hf.parameters()),
               "torch": torch.__version__, "command": command}
-    with _quiet_transformers():
+    with quiet_transformers():
         hf.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
