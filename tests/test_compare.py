@@ -11,25 +11,16 @@ import pytest
 import torch
 
 from circuit_distill import tiny_model
-from circuit_distill.analysis import (
-    Comparison,
-    SimilarityTable,
-    align,
-    alignment_score,
-    attention_patterns,
-    compare,
-    influence,
-    match_components,
-    principal_subspace,
-    rowwise_cosine,
-    subspace_similarity,
-)
+from circuit_distill.analysis import Comparison, align, alignment_score, compare, influence
 from circuit_distill.analysis.report import head_grid, write_report
-from circuit_distill.discovery.ablation import SweepResult
+from circuit_distill.discovery import SweepResult
 from circuit_distill.errors import CircuitDistillError, ConfigError
+from circuit_distill.matching import SimilarityTable, match_components
 from circuit_distill.model import load_model
+from circuit_distill.model.attention import attention_patterns
 from circuit_distill.model.components import Component
 from circuit_distill.model.tokenizer import word_level_tokenizer
+from circuit_distill.similarity import principal_subspace, rowwise_cosine, subspace_similarity
 from circuit_distill.tasks import Example, build_task_data
 
 H = Component.make_head
@@ -176,7 +167,8 @@ def test_attention_patterns_ignore_padding_side(pair):
     ex = [Example(p, " w1", wrong_answer=" w2") for p in prompts]
     right = build_task_data("t", teacher.tokenizer, ex, prompts)
     left = build_task_data("t", teacher.tokenizer, ex, prompts, padding_side="left")
-    pr, pl = attention_patterns(teacher, right.clean), attention_patterns(teacher, left.clean)
+    pr = attention_patterns(teacher, right.clean.input_ids, right.clean.attention_mask)
+    pl = attention_patterns(teacher, left.clean.input_ids, left.clean.attention_mask)
     assert teacher.hf.config._attn_implementation != "eager"  # switched back afterwards
     for layer in pr:
         assert pr[layer].shape == (4, 6, 6)
@@ -238,7 +230,7 @@ def test_bert_masked_task(tmp_path):
         compare(teacher, student, data, position="answer")
     # BERT's masked-LM head post-processes the final hidden state: the fast sweep says so with its own
     # error type (compare falls back to full forwards on that type, not on the message)
-    from circuit_distill.discovery.ablation import ablation_sweep
+    from circuit_distill.discovery import ablation_sweep
     from circuit_distill.errors import FastSweepUnsupported
 
     with pytest.raises(FastSweepUnsupported):

@@ -1,4 +1,5 @@
-"""Representation similarity: linear CKA (biased and debiased), RBF CKA, and distributed CKA.
+"""Representation similarity: linear CKA (biased and debiased), RBF CKA, and distributed CKA; the
+row-wise cosine of attention patterns and the similarity of principal subspaces.
 
 CKA compares activation matrices of different widths: ``x [m, d1]`` and ``y [m, d2]`` hold one row
 per example (or token) for the same ``m`` inputs. Always computed in float32 (or float64 if the
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from .errors import ConfigError
 
 EPS = 1e-8
+SUBSPACES = ("samples", "features")  # principal_subspace: left or right singular vectors
 _TINY = 1e-30  # keeps sqrt() and division differentiable at 0 (constant features)
 
 
@@ -282,3 +284,40 @@ def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor], *, debiased: bool
                 v = linear_cka(x, y, debiased) if kernel == "linear" else rbf_cka(x, y, sigma, debiased=debiased)
                 out[i, j] = float(v)
     return out
+
+
+# ---- attention patterns and principal subspaces ---------------------------------------------------
+
+def rowwise_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean over query rows of cos(``a[i]``, ``b[i]``) for patterns ``[T, T]`` (rows of zeros give 0)."""
+    if a.shape != b.shape:
+        raise ConfigError(f"attention patterns differ in shape {tuple(a.shape)} vs {tuple(b.shape)}: "
+                          "compute them on the same prompts")
+    a, b = a.double(), b.double()
+    num = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return float((num / den.clamp_min(eps)).mean())
+
+
+def principal_subspace(x: torch.Tensor, k: int = 3, space: str = "samples") -> torch.Tensor:
+    """Orthonormal top-``k`` principal directions of the column-centred ``x [m, d]``:
+    ``[m, k]`` (``space="samples"``: left singular vectors) or ``[d, k]`` (``"features"``)."""
+    if space not in SUBSPACES:
+        raise ConfigError(f"unknown subspace {space!r}; use one of {', '.join(SUBSPACES)}")
+    x = x.double()
+    x = x - x.mean(0, keepdim=True)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    k = min(k, int((s > s.max() * 1e-10).sum()) if s.numel() and s.max() > 0 else 0)
+    return u[:, :k] if space == "samples" else vh[:k].t()
+
+
+def subspace_similarity(u: torch.Tensor, v: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the column spaces of orthonormal
+    ``u [n, k1]`` and ``v [n, k2]``: ``||u^T v||_F^2 / max(k1, k2)`` in [0, 1] (0 if either is empty)."""
+    if u.shape[0] != v.shape[0]:
+        raise ConfigError(f"subspaces live in spaces of different size ({u.shape[0]} vs {v.shape[0]}); with "
+                          "different model widths use mlp_space='samples'")
+    k = max(u.shape[1], v.shape[1])
+    if k == 0 or min(u.shape[1], v.shape[1]) == 0:
+        return 0.0
+    return float((u.t().double() @ v.double()).pow(2).sum() / k)

@@ -1,21 +1,15 @@
-"""Analysis stage: teacher/student circuit comparison (influence, similarity, matching, the
-influence-weighted alignment score), robustness to single-component ablation, and the HTML report."""
+"""Analysis stage: teacher/student circuit comparison (influence, similarity tables, the
+influence-weighted alignment score), robustness to single-component ablation, and the HTML report.
+The matcher it uses (``match_components``, ``Pair``) lives in ``circuit_distill.matching``; the
+similarity measures in ``circuit_distill.similarity``; attention patterns in ``circuit_distill.model.attention``."""
 
 from .alignment import (
-    Pair,
-    SimilarityTable,
     align,
     alignment_score,
-    attention_patterns,
     check_same_tokens,
-    component_outputs,
     influence,
     layer_cka,
-    match_components,
-    principal_subspace,
-    rowwise_cosine,
     similarity_table,
-    subspace_similarity,
 )
 from .compare import Comparison, compare
 from .robustness import (
@@ -32,8 +26,7 @@ from .robustness import (
 )
 
 __all__ = [
-    "Comparison", "Pair", "Robustness", "SimilarityTable", "align", "alignment_score", "attention_patterns",
-    "bootstrap_ci", "brittleness_slope", "check_same_tokens", "compare", "component_outputs", "compression",
-    "drop_from_retained", "drops", "gini", "influence", "layer_cka", "match_components", "n_carrying",
-    "principal_subspace", "robustness", "rowwise_cosine", "severity", "similarity_table", "subspace_similarity",
+    "Comparison", "Robustness", "align", "alignment_score", "bootstrap_ci", "brittleness_slope",
+    "check_same_tokens", "compare", "compression", "drop_from_retained", "drops", "gini", "influence",
+    "layer_cka", "n_carrying", "robustness", "severity", "similarity_table",
 ]

@@ -8,8 +8,9 @@
   heads by the mean over query rows of the row-wise cosine of batch-mean attention patterns;
   MLPs by the mean squared cosine of the principal angles between the top-``k`` (k=3) principal
   subspaces of their outputs; or (``similarity="cka"``) linear CKA of the outputs.
-- **Matching**: every student component to its most similar teacher component of the same kind
-  (``student_to_teacher``) or the reverse; many-to-one allowed, ties go to the first in forward order.
+- **Matching** (``matching.match_components``): every student component to its most similar teacher
+  component of the same kind (``student_to_teacher``) or the reverse; many-to-one allowed, ties go to
+  the first in forward order.
 - **Alignment score**: normalise each influence column over the N pairs (divide by its sum), then
   ``A = (1/N) sum_i S_i (1 - |I~_S,i - I~_T,i|)``, in [0, 1].
 
@@ -24,21 +25,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import torch
 
 from ..errors import CircuitDistillError, ConfigError, TaskError
+from ..matching import Pair, SimilarityTable
+from ..model.activations import read_activations
+from ..model.attention import attention_patterns
 from ..model.components import Component
-from ..model.hooks import capture
-from ..model.loading import position_ids_from_mask
-from ..similarity import linear_cka
+from ..similarity import linear_cka, principal_subspace, rowwise_cosine, subspace_similarity
 from ..tasks.base import Batch, TaskData
 
 SIMILARITIES = ("attention", "cka")
-DIRECTIONS = ("student_to_teacher", "teacher_to_student")
-MLP_SPACES = ("samples", "features")
 
 
 # ---- influence -----------------------------------------------------------------------------------
@@ -96,138 +94,42 @@ def check_same_tokens(teacher, student, task_data: TaskData, max_prompts: int = 
             raise ConfigError(f"the {name} has {vocab} input embeddings but the task uses token id {top}")
 
 
-# ---- activations -----------------------------------------------------------------------------
+# ---- similarity tables ---------------------------------------------------------------------
 
-def _real_rows(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Real (non-padding) tokens of ``act [n, seq, d]`` as ``[m, d]`` (row-major)."""
-    return act[mask.to(act.device) > 0]
-
-
-@torch.no_grad()
-def attention_patterns(model, batch: Batch, layers: Iterable[int] | None = None, *,
-                       batch_size: int = 64) -> dict[int, torch.Tensor]:
-    """Batch-mean attention patterns ``layer -> [n_heads, T, T]`` (float32, cpu).
-
-    Indexed by real-token index (row ``i`` = the ``i``-th real query token, column ``j`` = the
-    ``j``-th real key token), so padding side does not matter; query row ``i`` is averaged over the
-    prompts that have an ``i``-th token. ``T`` = the longest prompt. Switches the model to eager
-    attention for the call (SDPA and flash attention return no patterns) and back afterwards.
-    """
-    layers = list(range(model.arch.n_layers)) if layers is None else sorted(set(layers))
-    T = int(batch.attention_mask.sum(1).max())
-    H = model.arch.n_heads
-    sums = {layer: torch.zeros(H, T, T, dtype=torch.float64) for layer in layers}
-    counts = torch.zeros(T, dtype=torch.float64)
-    with eager_attention(model):
-        for s in range(0, len(batch), batch_size):
-            b = batch.subset(slice(s, s + batch_size)).to(model.device)
-            out = _forward_attn(model, b)
-            mask = b.attention_mask.cpu()
-            for r in range(len(b)):
-                real = torch.nonzero(mask[r] > 0).flatten()
-                L = len(real)
-                counts[:L] += 1
-                for layer in layers:
-                    a = out[layer][r].float().cpu()  # [H, seq, seq]
-                    sums[layer][:, :L, :L] += a[:, real][:, :, real].double()
-    return {layer: (sums[layer] / counts.clamp(min=1)[None, :, None]).float() for layer in layers}
+def _outputs(model, batch: Batch, components: Sequence[Component], batch_size: int) -> dict[Component, torch.Tensor]:
+    """``comp -> [m, d]``: the components' outputs at the ``m`` real tokens of ``batch`` (float32, cpu)."""
+    return read_activations(model, batch.input_ids, batch.attention_mask, components, batch_size=batch_size,
+                            real_tokens=True)
 
 
-@contextmanager
-def eager_attention(model):
-    """Run ``model`` with eager attention inside the block (SDPA and flash attention return no
-    patterns), then switch back to what it had."""
-    hf = model.hf
-    was = getattr(hf.config, "_attn_implementation", None)
-    switched = was != "eager"
-    if switched:
-        if not hasattr(hf, "set_attn_implementation"):
-            raise CircuitDistillError(
-                f"{type(hf).__name__} runs {was!r} attention, which returns no attention patterns; load it "
-                "with load_model(..., attn_implementation='eager') or use similarity='cka'")
-        hf.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switched:
-            hf.set_attn_implementation(was)
+def _even_rows(m: int, max_rows: int) -> torch.Tensor:
+    """At most ``max_rows`` evenly spaced row indices of ``m`` rows: ``[rows]``."""
+    return torch.linspace(0, m - 1, min(m, max_rows)).round().long().unique()
 
 
-def _forward_attn(model, b: Batch) -> tuple[torch.Tensor, ...]:
-    kw = {} if model.is_encoder else {"position_ids": position_ids_from_mask(b.attention_mask), "use_cache": False}
-    out = model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, output_attentions=True, **kw)
-    atts = getattr(out, "attentions", None)
-    if not atts or any(a is None for a in atts):
-        raise CircuitDistillError(f"{type(model.hf).__name__} returned no attention patterns; load it with "
-                                  "attn_implementation='eager' or use similarity='cka'")
-    return atts
+def _pairwise(rows: Sequence[Component], cols: Sequence[Component], sim) -> torch.Tensor:
+    """``[len(rows), len(cols)]`` float64 table of ``sim(row, col)``."""
+    vals = torch.zeros(len(rows), len(cols), dtype=torch.float64)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            vals[i, j] = sim(r, c)
+    return vals
 
 
-@torch.no_grad()
-def component_outputs(model, batch: Batch, components: Sequence[Component], *,
-                      batch_size: int = 64) -> dict[Component, torch.Tensor]:
-    """Outputs of ``components`` at the real tokens of ``batch``: ``comp -> [m, d]`` (float32, cpu),
-    ``m`` = real tokens in ``batch``; heads before the output projection (``d_head``), MLPs and
-    residual points ``d_model``."""
-    outs: dict[Component, list[torch.Tensor]] = {c: [] for c in components}
-    for s in range(0, len(batch), batch_size):
-        b = batch.subset(slice(s, s + batch_size)).to(model.device)
-        with capture(model, list(components), detach=True) as cap:
-            model(b.input_ids, b.attention_mask, **({} if model.is_encoder else {"use_cache": False}))
-            for c in components:
-                outs[c].append(_real_rows(cap[c], b.attention_mask).float().cpu())
-    return {c: torch.cat(v) for c, v in outs.items()}
+def _pattern_table(teacher, student, batch: Batch, sc: list[Component], tc: list[Component],
+                   batch_size: int) -> torch.Tensor:
+    """Heads by the row-wise cosine of their batch-mean attention patterns: ``[len(sc), len(tc)]``."""
+    tp = attention_patterns(teacher, batch.input_ids, batch.attention_mask, batch_size=batch_size)
+    sp = attention_patterns(student, batch.input_ids, batch.attention_mask, batch_size=batch_size)
+    return _pairwise(sc, tc, lambda s, t: rowwise_cosine(sp[s.layer][s.head], tp[t.layer][t.head]))
 
 
-# ---- similarity ------------------------------------------------------------------------------
-
-def rowwise_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
-    """Mean over query rows of cos(``a[i]``, ``b[i]``) for patterns ``[T, T]`` (rows of zeros give 0)."""
-    if a.shape != b.shape:
-        raise ConfigError(f"attention patterns differ in shape {tuple(a.shape)} vs {tuple(b.shape)}: "
-                          "compute them on the same prompts")
-    a, b = a.double(), b.double()
-    num = (a * b).sum(-1)
-    den = a.norm(dim=-1) * b.norm(dim=-1)
-    return float((num / den.clamp_min(eps)).mean())
-
-
-def principal_subspace(x: torch.Tensor, k: int = 3, space: str = "samples") -> torch.Tensor:
-    """Orthonormal top-``k`` principal directions of the column-centred ``x [m, d]``:
-    ``[m, k]`` (``space="samples"``: left singular vectors) or ``[d, k]`` (``"features"``)."""
-    if space not in MLP_SPACES:
-        raise ConfigError(f"unknown subspace {space!r}; use one of {', '.join(MLP_SPACES)}")
-    x = x.double()
-    x = x - x.mean(0, keepdim=True)
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    k = min(k, int((s > s.max() * 1e-10).sum()) if s.numel() and s.max() > 0 else 0)
-    return u[:, :k] if space == "samples" else vh[:k].t()
-
-
-def subspace_similarity(u: torch.Tensor, v: torch.Tensor) -> float:
-    """Mean squared cosine of the principal angles between the column spaces of orthonormal
-    ``u [n, k1]`` and ``v [n, k2]``: ``||u^T v||_F^2 / max(k1, k2)`` in [0, 1] (0 if either is empty)."""
-    if u.shape[0] != v.shape[0]:
-        raise ConfigError(f"subspaces live in spaces of different size ({u.shape[0]} vs {v.shape[0]}); with "
-                          "different model widths use mlp_space='samples'")
-    k = max(u.shape[1], v.shape[1])
-    if k == 0 or min(u.shape[1], v.shape[1]) == 0:
-        return 0.0
-    return float((u.t().double() @ v.double()).pow(2).sum() / k)
-
-
-@dataclass
-class SimilarityTable:
-    """Similarity of every student component to every teacher component of the same kind.
-
-    ``values[kind]`` is ``[n_student_of_kind, n_teacher_of_kind]``; rows follow ``student[kind]``,
-    columns ``teacher[kind]`` (forward order).
-    """
-
-    method: str
-    teacher: dict[str, list[Component]]
-    student: dict[str, list[Component]]
-    values: dict[str, torch.Tensor]
+def _subspace_table(s_out: dict, t_out: dict, sc: list[Component], tc: list[Component], rows: torch.Tensor,
+                    k: int, space: str) -> torch.Tensor:
+    """MLPs by the similarity of the top-``k`` principal subspaces of their outputs: ``[len(sc), len(tc)]``."""
+    tsub = {t: principal_subspace(t_out[t][rows], k, space) for t in tc}
+    ssub = {s: principal_subspace(s_out[s][rows], k, space) for s in sc}
+    return _pairwise(sc, tc, lambda s, t: subspace_similarity(ssub[s], tsub[t]))
 
 
 def similarity_table(teacher, student, task_data: TaskData, *, similarity: str = "attention",
@@ -251,80 +153,23 @@ def similarity_table(teacher, student, task_data: TaskData, *, similarity: str =
     values: dict[str, torch.Tensor] = {}
     need_outputs = [kd for kd in kinds if similarity == "cka" or kd == "mlp"]
     if need_outputs:
-        t_out = component_outputs(teacher, batch, [c for kd in need_outputs for c in tc[kd]], batch_size=batch_size)
-        s_out = component_outputs(student, batch, [c for kd in need_outputs for c in sc[kd]], batch_size=batch_size)
-        m = next(iter(t_out.values())).shape[0]
-        rows = torch.linspace(0, m - 1, min(m, max_rows)).round().long().unique()
+        t_out = _outputs(teacher, batch, [c for kd in need_outputs for c in tc[kd]], batch_size)
+        s_out = _outputs(student, batch, [c for kd in need_outputs for c in sc[kd]], batch_size)
+        rows = _even_rows(next(iter(t_out.values())).shape[0], max_rows)
     for kd in kinds:
-        vals = torch.zeros(len(sc[kd]), len(tc[kd]), dtype=torch.float64)
         if kd == "head" and similarity == "attention":
-            tp = attention_patterns(teacher, batch, batch_size=batch_size)
-            sp = attention_patterns(student, batch, batch_size=batch_size)
-            for i, s in enumerate(sc[kd]):
-                for j, t in enumerate(tc[kd]):
-                    vals[i, j] = rowwise_cosine(sp[s.layer][s.head], tp[t.layer][t.head])
+            values[kd] = _pattern_table(teacher, student, batch, sc[kd], tc[kd], batch_size)
         elif similarity == "cka":
-            for i, s in enumerate(sc[kd]):
-                for j, t in enumerate(tc[kd]):
-                    vals[i, j] = float(linear_cka(s_out[s][rows], t_out[t][rows]))
+            values[kd] = _pairwise(sc[kd], tc[kd], lambda s, t: float(linear_cka(s_out[s][rows], t_out[t][rows])))
         else:  # MLP subspaces
             if mlp_space == "features" and teacher.arch.d_model != student.arch.d_model:
                 raise ConfigError(f"mlp_space='features' needs equal widths (teacher d_model "
                                   f"{teacher.arch.d_model}, student {student.arch.d_model}); use 'samples'")
-            tsub = {t: principal_subspace(t_out[t][rows], k, mlp_space) for t in tc[kd]}
-            for i, s in enumerate(sc[kd]):
-                us = principal_subspace(s_out[s][rows], k, mlp_space)
-                for j, t in enumerate(tc[kd]):
-                    vals[i, j] = subspace_similarity(us, tsub[t])
-        values[kd] = vals
+            values[kd] = _subspace_table(s_out, t_out, sc[kd], tc[kd], rows, k, mlp_space)
     return SimilarityTable(similarity, tc, sc, values)
 
 
-# ---- matching and score ----------------------------------------------------------------------
-
-@dataclass
-class Pair:
-    """One matched pair: the student and teacher components, their similarity ``S``, raw
-    influences and influences normalised over the pair list, and ``S (1 - |I~_S - I~_T|)``."""
-
-    student: Component
-    teacher: Component
-    similarity: float
-    influence_student: float
-    influence_teacher: float
-    norm_student: float = 0.0
-    norm_teacher: float = 0.0
-    contribution: float = 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["student"], d["teacher"] = str(self.student), str(self.teacher)
-        d["kind"] = self.student.kind
-        return d
-
-
-def match_components(table: SimilarityTable, direction: str = "student_to_teacher"
-                     ) -> list[tuple[Component, Component, float]]:
-    """Best match per component: ``(student, teacher, S)`` triples.
-
-    ``student_to_teacher``: one triple per student component (its most similar teacher component
-    of the same kind); ``teacher_to_student``: one per teacher component. Ties go to the earliest
-    component in forward order.
-    """
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
-    out = []
-    for kd, vals in table.values.items():
-        sc, tc = table.student[kd], table.teacher[kd]
-        if not sc or not tc:
-            continue
-        if direction == "student_to_teacher":
-            best = vals.argmax(1)  # first maximum: forward order
-            out += [(s, tc[int(best[i])], float(vals[i, best[i]])) for i, s in enumerate(sc)]
-        else:
-            best = vals.argmax(0)
-            out += [(sc[int(best[j])], t, float(vals[best[j], j])) for j, t in enumerate(tc)]
-    return out
+# ---- alignment score -----------------------------------------------------------------------
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -383,14 +228,10 @@ def layer_cka(teacher, student, batch: Batch, *, max_rows: int = 4096, batch_siz
     ``[teacher n_layers, student n_layers]`` over the real tokens of ``batch`` (at most ``max_rows``)."""
     tcomps = teacher.components("resid_post")
     scomps = student.components("resid_post")
-    t_out = component_outputs(teacher, batch, tcomps, batch_size=batch_size)
-    s_out = component_outputs(student, batch, scomps, batch_size=batch_size)
+    t_out = _outputs(teacher, batch, tcomps, batch_size)
+    s_out = _outputs(student, batch, scomps, batch_size)
     m = t_out[tcomps[0]].shape[0]
     if s_out[scomps[0]].shape[0] != m:
         raise TaskError("teacher and student saw different numbers of tokens; use the same prompts")
-    rows = torch.linspace(0, m - 1, min(m, max_rows)).round().long().unique()
-    out = torch.zeros(len(tcomps), len(scomps), dtype=torch.float64)
-    for i, t in enumerate(tcomps):
-        for j, s in enumerate(scomps):
-            out[i, j] = float(linear_cka(t_out[t][rows], s_out[s][rows]))
-    return out
+    rows = _even_rows(m, max_rows)
+    return _pairwise(tcomps, scomps, lambda t, s: float(linear_cka(t_out[t][rows], s_out[s][rows])))

@@ -12,20 +12,13 @@ from pathlib import Path
 
 import torch
 
+from ..discovery import SweepResult, ablation_sweep
 from ..errors import ConfigError, FastSweepUnsupported
 from ..files import atomic_write_text
+from ..matching import DIRECTIONS, Pair, match_components
 from ..model.components import Component
 from ..tasks.base import TaskData
-from .alignment import (
-    DIRECTIONS,
-    SIMILARITIES,
-    Pair,
-    align,
-    influence,
-    layer_cka,
-    match_components,
-    similarity_table,
-)
+from .alignment import SIMILARITIES, align, influence, layer_cka, similarity_table
 from .robustness import Robustness, brittleness_slope, compression, drops, robustness
 
 
@@ -98,8 +91,6 @@ class Comparison:
     @classmethod
     def from_dict(cls, d: dict) -> Comparison:
         """Rebuild a ``Comparison`` from ``to_dict()`` output (e.g. a loaded comparison.json)."""
-        from ..discovery.ablation import SweepResult
-
         def comp_map(m):
             return {Component.parse(k): float("nan") if v is None else float(v) for k, v in m.items()}
 
@@ -162,8 +153,6 @@ def _no_nan(x):
 
 def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, position: str,
            batch_size: int, progress):
-    from ..discovery.ablation import ablation_sweep
-
     kw = dict(method=ablation, position=position, batch_size=batch_size, progress=progress)
     if model.is_encoder:  # the fast layer replay needs a plain final norm + unembedding
         return ablation_sweep(model, task_data, comps, fast=False, **kw)

@@ -18,8 +18,10 @@ from .io import (
 )
 from .map import ComponentMap
 from .matchers import MATCHERS, METHODS, Matcher, MatchProblem, match
+from .similar import DIRECTIONS, Pair, SimilarityTable, match_components
 
 __all__ = [
-    "DEFAULT_METRIC", "MATCHERS", "METHODS", "ComponentMap", "MatchProblem", "Matcher", "circuit_components",
-    "circuit_from_obj", "effects_from_obj", "load_acts", "load_circuit", "load_effects", "match",
+    "DEFAULT_METRIC", "DIRECTIONS", "MATCHERS", "METHODS", "ComponentMap", "MatchProblem", "Matcher", "Pair",
+    "SimilarityTable", "circuit_components", "circuit_from_obj", "effects_from_obj", "load_acts", "load_circuit",
+    "load_effects", "match", "match_components",
 ]

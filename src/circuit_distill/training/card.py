@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_json, atomic_write_text
+from ..model.attention import eager_attention, forward_attentions
 
 CATEGORIES = ("query_label", "earlier_label", "answer_object", "other_objects", "other_labels", "self", "rest")
 QUERIES = ("last", "earlier_label")
@@ -40,8 +41,6 @@ def _word_sets(model) -> tuple[set[int], set[int]]:
 @torch.no_grad()
 def attention_by_category(model, td, *, batch_size: int = 64) -> dict[str, dict[str, list[list[float]]]]:
     """``query -> category -> [layer][head]`` mean attention mass (see the module docstring)."""
-    from ..analysis.alignment import _forward_attn, eager_attention
-
     L, H = model.arch.n_layers, model.arch.n_heads
     objects, labels = _word_sets(model)
     sums = {q: torch.zeros(len(CATEGORIES), L, H, dtype=torch.float64) for q in QUERIES}
@@ -49,7 +48,8 @@ def attention_by_category(model, td, *, batch_size: int = 64) -> dict[str, dict[
         for s in range(0, len(td), batch_size):
             idx = torch.arange(s, min(s + batch_size, len(td)))
             b = td.clean.subset(idx).to(model.device)
-            atts = torch.stack([a.float().cpu() for a in _forward_attn(model, b)], 1)  # [b, L, H, q, k]
+            atts = forward_attentions(model, b.input_ids, b.attention_mask)
+            atts = torch.stack([a.float().cpu() for a in atts], 1)  # [batch, L, H, q, k]
             ids = b.input_ids.cpu()
             mask = b.attention_mask.cpu() > 0
             for r in range(len(idx)):
