@@ -160,6 +160,36 @@ def test_self_perturbed_random_ordering(pair):
         assert far.alignment_by_kind["mlp"] < near.alignment_by_kind["mlp"]
 
 
+def test_passed_sweeps_give_the_same_comparison(pair):
+    """Sweeps made as compare's docstring says (the caller swept both models) change nothing."""
+    from dataclasses import replace
+
+    from circuit_distill.discovery import ablation_sweep
+
+    teacher, perturbed, _, data = pair
+    fresh = compare(teacher, perturbed, data, n_boot=200, progress=False)
+    sweeps = [ablation_sweep(m, data, m.components("head") + m.components("mlp"), method="mean", position="last",
+                             batch_size=64, progress=False) for m in (teacher, perturbed)]
+    reused = compare(teacher, perturbed, data, n_boot=200, teacher_sweep=sweeps[0], student_sweep=sweeps[1])
+    assert reused.teacher_sweep is sweeps[0] and reused.student_sweep is sweeps[1]
+
+    def numbers(cmp):
+        d = json.loads(cmp.to_json())
+        for x in (d, d["teacher_sweep"], d["student_sweep"]):
+            x.pop("seconds")
+        return d
+
+    assert numbers(reused) == numbers(fresh)
+    # a sweep compare could not have run itself is refused, with what to do instead
+    for wrong in (dict(method="zero"), dict(position="first"), dict(per_position=False), dict(n_examples=5)):
+        with pytest.raises(ConfigError, match="sweep was made with"):
+            compare(teacher, perturbed, data, n_boot=200, teacher_sweep=sweeps[0],
+                    student_sweep=replace(sweeps[1], **wrong))
+    with pytest.raises(ConfigError, match="lacks L1.MLP"):
+        compare(teacher, perturbed, data, n_boot=200, student_sweep=sweeps[1], teacher_sweep=replace(
+            sweeps[0], ablated={c: v for c, v in sweeps[0].ablated.items() if str(c) != "L1.MLP"}))
+
+
 def test_attention_patterns_ignore_padding_side(pair):
     teacher = pair[0]
     rng = random.Random(3)
@@ -226,7 +256,7 @@ def test_bert_masked_task(tmp_path):
     assert cmp.position == "mask" and len(cmp.pairs) == 1 * 2 + 1
     assert 0.0 <= cmp.alignment <= 1.0
     assert compare(teacher, teacher, data, position="mask", n_boot=300).alignment == pytest.approx(1.0, abs=1e-6)
-    with pytest.raises(ConfigError, match="no position"):
+    with pytest.raises(ConfigError, match="'answer' is not a position"):
         compare(teacher, student, data, position="answer")
     # BERT's masked-LM head post-processes the final hidden state: the fast sweep says so with its own
     # error type (compare falls back to full forwards on that type, not on the message)

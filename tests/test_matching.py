@@ -11,7 +11,16 @@ import torch
 from circuit_distill import Component
 from circuit_distill.cli import main
 from circuit_distill.errors import ConfigError
-from circuit_distill.matching import ComponentMap, circuit_from_obj, effects_from_obj, match
+from circuit_distill.matching import (
+    MATCHERS,
+    METHODS,
+    ComponentMap,
+    Matcher,
+    circuit_components,
+    circuit_from_obj,
+    effects_from_obj,
+    match,
+)
 
 C = Component.parse
 
@@ -120,6 +129,85 @@ def test_random_is_seeded_and_reproducible():
     assert all(math.isfinite(d) for d in a.distances)  # effects given: distances known
     d = match(None, None, list(te), list(se), "random", seed=3)
     assert d.pairs == a.pairs and all(math.isnan(x) for x in d.distances)
+
+
+# maps recorded from the if/elif ``match`` before it became a table of matchers (same example, same seed)
+GOLD_TE = {"L0.H0": 0.30, "L0.H2": 0.05, "L1.H1": 0.20, "L2.H3": 0.20, "L3.H0": 0.60}
+GOLD_SE = {"L0.H1": 0.02, "L0.H3": 0.06, "L1.H0": 0.04, "L1.H2": 0.01, "L2.H1": 0.05, "L2.H2": 0.0, "L3.H1": 0.03}
+GOLD = {
+    ("ablation", False): (["L0.H2"] * 7, [0.03, 0.01, 0.01, 0.04, 0.0, 0.05, 0.02], {"n_ties": 0}),
+    ("ablation", True): (["L1.H1", "L3.H0", "L0.H0", "L0.H2", "L3.H0", "L0.H2", "L0.H0"],
+                         [0.0, 0.0, 1 / 6, 1 / 12, 1 / 6, 1 / 12, 0.0], {"n_ties": 1}),
+    ("hungarian", False): (["L0.H0", "L1.H1", "L1.H1", "L2.H3", "L0.H2", "L2.H3", "L0.H2"],
+                           [0.28, 0.14, 0.16, 0.19, 0.0, 0.2, 0.02], {"max_uses_per_teacher": 2}),
+    ("hungarian", True): (["L1.H1", "L3.H0", "L0.H0", "L0.H2", "L3.H0", "L0.H2", "L0.H0"],
+                          [0.0, 0.0, 1 / 6, 1 / 12, 1 / 6, 1 / 12, 0.0], {"max_uses_per_teacher": 2}),
+    ("random", False): (["L0.H2", "L1.H1", "L0.H0", "L2.H3", "L2.H3", "L0.H2", "L0.H0"],
+                        [0.03, 0.14, 0.26, 0.19, 0.15, 0.05, 0.27], {}),
+    ("random", True): (["L0.H2", "L1.H1", "L0.H0", "L2.H3", "L2.H3", "L0.H2", "L0.H0"],
+                       [0.25, 2 / 3, 1 / 6, 1 / 6, 0.5, 1 / 12, 0.0], {}),
+}
+
+
+@pytest.mark.parametrize("method,normalize", list(GOLD))
+def test_matcher_table_gives_the_recorded_maps(method, normalize):
+    cmap = match(GOLD_TE, GOLD_SE, list(GOLD_TE), list(GOLD_SE), method, seed=4, normalize=normalize)
+    teachers, distances, extra = GOLD[method, normalize]
+    assert [str(s) for s in cmap.student_components] == list(GOLD_SE)
+    assert [str(t) for t in cmap.teacher_components] == teachers
+    assert cmap.distances == pytest.approx(distances, abs=1e-9)
+    info = {"n_teacher_circuit": 5, "n_student_circuit": 7, **({"normalize": None} if normalize else {}), **extra}
+    assert list(cmap.info) == list(info)  # the same keys in the same order (map JSON)
+    if normalize:
+        assert cmap.info.pop("normalize") == pytest.approx({"teacher": 0.6, "student": 0.06})
+        info.pop("normalize")
+    assert cmap.info == info
+
+
+def test_cka_matcher_gives_the_recorded_map():
+    g = torch.Generator().manual_seed(1)
+    ta = {k: torch.randn(12, 4, generator=g) for k in GOLD_TE}
+    sa = {k: ta[t] @ torch.randn(4, 3, generator=g) + 0.5 * torch.randn(12, 3, generator=g)
+          for k, t in zip(GOLD_SE, list(GOLD_TE) * 2)}
+    cmap = match(GOLD_TE, GOLD_SE, list(GOLD_TE), list(GOLD_SE), "cka", teacher_acts=ta, student_acts=sa)
+    assert _pairs(cmap) == [("L0.H1", "L0.H0"), ("L0.H3", "L0.H2"), ("L1.H0", "L1.H1"), ("L1.H2", "L2.H3"),
+                            ("L2.H1", "L3.H0"), ("L2.H2", "L0.H0"), ("L3.H1", "L0.H2")]
+    assert cmap.distances == pytest.approx([0.354397, 0.369226, 0.35432, 0.298282, 0.209691, 0.446754, 0.20316],
+                                           abs=1e-5)
+    assert cmap.info["n_ties"] == 0
+    assert cmap.info["effect_distance"] == pytest.approx([0.28, 0.01, 0.16, 0.19, 0.55, 0.3, 0.02])
+
+
+def test_a_new_matcher_is_one_table_entry(monkeypatch):
+    assert METHODS == tuple(MATCHERS) == ("ablation", "hungarian", "cka", "random")
+
+    def last_teacher(problem):  # every student head to the latest teacher head, distance from the effects
+        j = len(problem.teacher) - 1
+        return [j] * len(problem.student), [row[j] for row in problem.distance]
+
+    monkeypatch.setitem(MATCHERS, "last", Matcher(last_teacher, needs_effects=True, normalizable=False))
+    cmap = match(TEACHER, STUDENT, list(TEACHER), list(STUDENT), "LAST")
+    assert set(cmap.teacher_components) == {C("L2.H2")} and cmap.method == "last"
+    assert cmap.distances == pytest.approx([0.15, 0.18, 0.01, 0.30])
+    with pytest.raises(ConfigError, match="no ablation effect"):
+        match(TEACHER, None, list(TEACHER), list(STUDENT), "last")
+    with pytest.raises(ConfigError, match="normalize"):
+        match(TEACHER, STUDENT, list(TEACHER), list(STUDENT), "last", normalize=True)
+
+
+def test_circuit_components_reads_every_circuit_shape():
+    want = [C("L0.H1"), C("L1.H2")]
+    assert circuit_components(["L1.H2", "L0.H1", "L1.H2"]) == want  # sorted, no repeats
+    assert circuit_components({"components": ["L1.H2", "L0.H1"]}) == want
+    assert circuit_components({"L1.H2": 0.3, "L0.H1": 0.1}) == want
+    assert circuit_components([{"component": "L1.H2"}, {"name": "L0.H1"}]) == want
+    assert circuit_components("L1.H2") == [C("L1.H2")] and circuit_components(None) == []
+
+    class Circuit:
+        def components(self):
+            return ["L1.H2", "L0.H1"]
+
+    assert circuit_components(Circuit()) == want
 
 
 def test_errors():

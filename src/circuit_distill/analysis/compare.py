@@ -152,7 +152,8 @@ def _no_nan(x):
 
 
 def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, position: str,
-           batch_size: int, progress):
+           batch_size: int, progress) -> SweepResult:
+    """The sweep ``compare`` runs itself: every compared component of ``model``, fast where it can."""
     kw = dict(method=ablation, position=position, batch_size=batch_size, progress=progress)
     if model.is_encoder:  # the fast layer replay needs a plain final norm + unembedding
         return ablation_sweep(model, task_data, comps, fast=False, **kw)
@@ -162,22 +163,9 @@ def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, po
         return ablation_sweep(model, task_data, comps, fast=False, **kw)
 
 
-def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", similarity: str = "attention",
-            direction: str = "student_to_teacher", kinds: Sequence[str] = ("head", "mlp"),
-            metric: str = "logit_diff", position: str = "last", mlp_space: str = "samples", k: int = 3,
-            batch_size: int = 64, n_boot: int = 10_000, seed: int = 42, progress: bool | None = None,
-            teacher_sweep=None, student_sweep=None) -> Comparison:
-    """Compare how ``teacher`` and ``student`` (any depth and width, one shared tokenizer) solve a task.
-
-    Runs a single-component ``ablation`` sweep (``mean``, ``zero``, ``resample``) of every head and
-    MLP (``kinds``) in each model, scoring ``metric`` at named ``position`` (``"mask"`` for masked-LM
-    tasks built with ``Example(..., positions={"mask": idx})``); turns it into influences and drops;
-    matches components by ``similarity`` (``attention`` patterns + MLP subspaces, or ``cka``) in
-    ``direction``; and returns the alignment score, the pair table and both models' robustness.
-    ``teacher_sweep`` / ``student_sweep``: reuse earlier sweeps (``SweepResult``) of the same task
-    (e.g. one teacher sweep for several students); they must cover every compared component.
-    """
-    t0 = time.perf_counter()
+def _check_options(task_data: TaskData, similarity: str, direction: str, kinds: Sequence[str], metric: str,
+                   position: str) -> tuple[str, ...]:
+    """Raise ``ConfigError`` on an option ``compare`` cannot use; the kinds as a tuple."""
     if similarity not in SIMILARITIES:
         raise ConfigError(f"unknown similarity {similarity!r}; use one of {', '.join(SIMILARITIES)}")
     if direction not in DIRECTIONS:
@@ -185,26 +173,78 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
     kinds = tuple(kinds)
     if not kinds or any(kd not in ("head", "mlp") for kd in kinds):
         raise ConfigError(f"kinds must be a non-empty subset of ('head', 'mlp'), got {kinds}")
-    if position not in task_data.positions:
-        raise ConfigError(f"task {task_data.name!r} has no position {position!r}; it has "
-                          f"{', '.join(sorted(task_data.positions))}")
+    task_data.position(position)
     if metric == "logit_diff" and bool((task_data.wrong_ids < 0).all()):
         raise ConfigError("metric 'logit_diff' needs wrong answers (Example.wrong_answer); the task has none. "
                           "Use metric='answer_prob'")
+    return kinds
+
+
+def _check_sweep(name: str, sw: SweepResult, comps: list[Component], task_data: TaskData, *, metric: str,
+                 ablation: str, position: str) -> None:
+    """Raise ``ConfigError`` unless ``sw`` is a sweep ``compare`` could have run itself (see ``compare``)."""
+    missing = [str(c) for c in comps if c not in sw.ablated]
+    if missing:
+        raise ConfigError(f"the {name} sweep lacks {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}: "
+                          "sweep every compared component")
+    if metric not in sw.clean:
+        raise ConfigError(f"the {name} sweep has no metric {metric!r}")
+    made = {"method": sw.method, "position": sw.position, "per_position": sw.per_position}
+    want = {"method": ablation, "position": position, "per_position": True}
+    if sw.n_examples:  # 0: not recorded (a hand-made sweep)
+        made["n_examples"], want["n_examples"] = sw.n_examples, len(task_data)
+    if made != want:
+        raise ConfigError(f"the {name} sweep was made with {made}, compare needs {want}: pass a sweep of the "
+                          f"same task data with ablation_sweep(..., method={ablation!r}, position={position!r}), "
+                          "or none")
+
+
+def _brittleness(s_rob: Robustness, t_rob: Robustness, c: float) -> dict[str, float]:
+    return {
+        "mean_drop": brittleness_slope(s_rob.mean_drop, t_rob.mean_drop, c),
+        "mean_drop_per_0.1C": brittleness_slope(s_rob.mean_drop, t_rob.mean_drop, c) / 10,
+        "severity": brittleness_slope(s_rob.severity, t_rob.severity, c),
+    }
+
+
+def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", similarity: str = "attention",
+            direction: str = "student_to_teacher", kinds: Sequence[str] = ("head", "mlp"),
+            metric: str = "logit_diff", position: str = "last", mlp_space: str = "samples", k: int = 3,
+            batch_size: int = 64, n_boot: int = 10_000, seed: int = 42, progress: bool | None = None,
+            teacher_sweep: SweepResult | None = None, student_sweep: SweepResult | None = None) -> Comparison:
+    """Compare how ``teacher`` and ``student`` (any depth and width, one shared tokenizer) solve a task.
+
+    Runs a single-component ``ablation`` sweep (``mean``, ``zero``, ``resample``) of every head and
+    MLP (``kinds``) in each model, scoring ``metric`` at named ``position`` (``"mask"`` for masked-LM
+    tasks built with ``Example(..., positions={"mask": idx})``); turns it into influences and drops;
+    matches components by ``similarity`` (``attention`` patterns + MLP subspaces, or ``cka``) in
+    ``direction`` (``matching.match_components``); and returns the alignment score, the pair table and
+    both models' robustness.
+
+    ``teacher_sweep`` / ``student_sweep``: a caller that already swept a model passes its
+    ``SweepResult`` (e.g. one teacher sweep for several students, or both sweeps for another
+    direction). A passed sweep must be what ``compare`` would run itself:
+    ``ablation_sweep(model, task_data, components, method=ablation, position=position,
+    batch_size=batch_size)`` on the same ``task_data`` (clean prompts and reference set), with the
+    defaults ``per_position=True``, ``seed=0`` and ``metrics`` (any set holding ``metric``), over at
+    least every head and MLP of ``kinds`` (more components are ignored), ``fast=True`` unless the model
+    cannot replay layers (encoders, post-processing heads: then ``fast=False``). Such a sweep gives
+    results identical to passing none. Method, position, per-position values and the number of
+    examples are checked (``ConfigError``); the prompts and batch size are the caller's to keep.
+    """
+    t0 = time.perf_counter()
+    kinds = _check_options(task_data, similarity, direction, kinds, metric, position)
     warnings: list[str] = []
     table = similarity_table(teacher, student, task_data, similarity=similarity, kinds=kinds, k=k,
                              mlp_space=mlp_space, batch_size=batch_size)
     t_comps = [c for kd in kinds for c in teacher.components(kd)]
     s_comps = [c for kd in kinds for c in student.components(kd)]
-    t_sweep = teacher_sweep or _sweep(teacher, task_data, t_comps, ablation, position, batch_size, progress)
-    s_sweep = student_sweep or _sweep(student, task_data, s_comps, ablation, position, batch_size, progress)
+    t_sweep = teacher_sweep if teacher_sweep is not None else _sweep(teacher, task_data, t_comps, ablation,
+                                                                       position, batch_size, progress)
+    s_sweep = student_sweep if student_sweep is not None else _sweep(student, task_data, s_comps, ablation,
+                                                                       position, batch_size, progress)
     for name, sw, comps in (("teacher", t_sweep, t_comps), ("student", s_sweep, s_comps)):
-        missing = [str(c) for c in comps if c not in sw.ablated]
-        if missing:
-            raise ConfigError(f"the {name} sweep lacks {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}: "
-                              "sweep every compared component")
-        if metric not in sw.clean:
-            raise ConfigError(f"the {name} sweep has no metric {metric!r}")
+        _check_sweep(name, sw, comps, task_data, metric=metric, ablation=ablation, position=position)
     for name, sw in (("teacher", t_sweep), ("student", s_sweep)):
         if sw.clean[metric] <= 0:
             warnings.append(f"the {name}'s clean {metric} is {sw.clean[metric]:.4g} <= 0: it does not solve the "
@@ -224,11 +264,6 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
     if c <= 0:
         warnings.append(f"the student has at least as many parameters as the teacher (C = {c:.3g}): "
                         "brittleness slopes are not meaningful")
-    brittle = {
-        "mean_drop": brittleness_slope(s_rob.mean_drop, t_rob.mean_drop, c),
-        "mean_drop_per_0.1C": brittleness_slope(s_rob.mean_drop, t_rob.mean_drop, c) / 10,
-        "severity": brittleness_slope(s_rob.severity, t_rob.severity, c),
-    }
     lc = layer_cka(teacher, student, task_data.clean, batch_size=batch_size)
     return Comparison(
         teacher_name=teacher.name, student_name=student.name, task=task_data.name, n_examples=len(task_data),
@@ -238,7 +273,7 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
         teacher_params=int(teacher.n_params), student_params=int(student.n_params),
         teacher_sweep=t_sweep, student_sweep=s_sweep, teacher_influence=t_inf, student_influence=s_inf,
         teacher_drop=t_drop, student_drop=s_drop, pairs=pairs, alignment=a, alignment_by_kind=by_kind,
-        teacher_robustness=t_rob, student_robustness=s_rob, compression=c, brittleness=brittle,
+        teacher_robustness=t_rob, student_robustness=s_rob, compression=c, brittleness=_brittleness(s_rob, t_rob, c),
         layer_cka=torch.as_tensor(lc).tolist(), position=position, seconds=time.perf_counter() - t0,
         warnings=warnings,
     )
