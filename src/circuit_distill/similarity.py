@@ -1,8 +1,8 @@
 """Representation similarity: linear CKA (biased and debiased), RBF CKA, and distributed CKA; the
 row-wise cosine of attention patterns and the similarity of principal subspaces.
 
-CKA compares activation matrices of different widths: ``x [m, d1]`` and ``y [m, d2]`` hold one row
-per example (or token) for the same ``m`` inputs. Always computed in float32 (or float64 if the
+CKA compares activation matrices of different widths: ``x [rows, d1]`` and ``y [rows, d2]`` hold one row
+per example (or token) for the same inputs. Always computed in float32 (or float64 if the
 input is), whatever the model's dtype, with an epsilon so constant features give 0, not NaN.
 
 Under data parallelism CKA is *not* additive across ranks: the mean of per-rank CKAs is a biased,
@@ -30,7 +30,7 @@ def _prep(x: torch.Tensor) -> torch.Tensor:
 
 def _check_rows(x: torch.Tensor, y: torch.Tensor, debiased: bool, what: str = "CKA") -> int:
     if x.dim() < 1 or y.dim() < 1:
-        raise ConfigError(f"{what} needs matrices [m, d]; got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ConfigError(f"{what} needs matrices [rows, d]; got shapes {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] != y.shape[0]:
         raise ConfigError(
             f"{what} needs the same number of rows (examples or tokens) in both matrices, got "
@@ -109,12 +109,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, *, distributed: bool = False,
                eps: float = EPS) -> torch.Tensor:
-    """Linear CKA of ``x [m, d1]`` and ``y [m, d2]`` (Kornblith et al. 2019), a differentiable scalar.
+    """Linear CKA of ``x [rows, d1]`` and ``y [rows, d2]`` (Kornblith et al. 2019), a differentiable scalar.
 
     Biased: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc, Yc``, in
-    [0, 1]; costs O(m d^2), fine for thousands of rows. ``debiased``: the same ratio of unbiased
-    HSIC estimates (Song et al. 2012; computed by U-centering the ``[m, m]`` Gram matrices), needs
-    m >= 4 and can be slightly negative for unrelated features. ``distributed``: first gather the
+    [0, 1]; costs O(rows d^2), fine for thousands of rows. ``debiased``: the same ratio of unbiased
+    HSIC estimates (Song et al. 2012; computed by U-centering the ``[rows, rows]`` Gram matrices), needs
+    rows >= 4 and can be slightly negative for unrelated features. ``distributed``: first gather the
     rows of every rank (``gather_with_grad``), so the CKA is that of the global batch; ignored
     without ``torch.distributed``. Constant features give 0 (``eps`` guards the denominator; inputs
     are scale-normalised first, so it never biases a non-degenerate value). Raises ``ConfigError``
@@ -128,14 +128,14 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, *, dist
 
 def linear_cka_batched(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, *, distributed: bool = False,
                        eps: float = EPS) -> torch.Tensor:
-    """Linear CKA of ``P`` pairs at once: ``x [P, m, d1]`` and ``y [P, m, d2]`` -> ``[P]``.
+    """Linear CKA of ``P`` pairs at once: ``x [P, rows, d1]`` and ``y [P, rows, d2]`` -> ``[P]``.
 
     The same values as ``linear_cka(x[p], y[p])`` for every ``p``, with a fixed number of tensor
     operations whatever ``P`` (on CPU, a handful of pairs of small head matrices cost mostly per-op
-    overhead). ``distributed`` gathers the ``m`` rows of every rank, as ``linear_cka`` does.
+    overhead). ``distributed`` gathers the rows of every rank, as ``linear_cka`` does.
     """
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0]:
-        raise ConfigError(f"linear_cka_batched needs [P, m, d1] and [P, m, d2]; got shapes {tuple(x.shape)} "
+        raise ConfigError(f"linear_cka_batched needs [P, rows, d1] and [P, rows, d2]; got shapes {tuple(x.shape)} "
                           f"and {tuple(y.shape)}")
     if distributed and _dist_active():
         x, y = _gather_rows(x), _gather_rows(y)
@@ -149,7 +149,7 @@ def linear_cka_batched(x: torch.Tensor, y: torch.Tensor, debiased: bool = False,
 
 
 def _centred_unit(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column-centre each matrix of ``t [P, m, d]`` and scale it to unit Frobenius norm -> ``(tn, norm [P, 1, 1])``.
+    """Column-centre each matrix of ``t [P, rows, d]`` and scale it to unit Frobenius norm -> ``(tn, norm [P, 1, 1])``.
 
     Centring changes neither CKA estimator, nor does scale; with unit-norm inputs, fp32 sums stay far
     from overflow."""
@@ -159,7 +159,7 @@ def _centred_unit(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _BiasedLinearCKA(torch.autograd.Function):
-    """Biased linear CKA of ``x [P, m, d1]``, ``y [P, m, d2]`` with a hand-written backward.
+    """Biased linear CKA of ``x [P, rows, d1]``, ``y [P, rows, d2]`` with a hand-written backward.
 
     The forward is the feature-space formula; the backward is its analytic gradient, a few batched
     matrix products instead of the ~40 small operations autograd would record (on CPU and small
@@ -207,7 +207,7 @@ class _BiasedLinearCKA(torch.autograd.Function):
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """``gather_with_grad`` along the row dimension of ``x [P, m, d]``."""
+    """``gather_with_grad`` along the row dimension of ``x [P, rows, d]``."""
     p, m, d = x.shape
     g = gather_with_grad(x.transpose(0, 1).reshape(m, p * d))
     return g.reshape(g.shape[0], p, d).transpose(0, 1)
@@ -246,7 +246,7 @@ def _cka_from_grams(kx: torch.Tensor, ky: torch.Tensor, *, debiased: bool, eps: 
 # ---- RBF CKA (evaluation) -------------------------------------------------------------------------
 
 def _rbf_gram(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    sq = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)  # [m, m], exact zeros on the diagonal
+    sq = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)  # [rows, rows], exact zeros on the diagonal
     off = sq[~torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)]
     med = off.median() if off.numel() else sq.new_tensor(0.0)
     bandwidth2 = (sigma ** 2) * med
@@ -257,11 +257,11 @@ def _rbf_gram(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.8, *, debiased: bool = False,
             distributed: bool = False, eps: float = EPS) -> torch.Tensor:
-    """CKA with Gaussian (RBF) kernels of ``x [m, d1]`` and ``y [m, d2]``, for evaluation.
+    """CKA with Gaussian (RBF) kernels of ``x [rows, d1]`` and ``y [rows, d2]``, for evaluation.
 
     Kernel ``k(a, b) = exp(-||a - b||^2 / (2 (sigma * median_dist)^2))`` where ``median_dist^2`` is the
     median squared distance between distinct rows (Kornblith et al. 2019's convention; ``sigma`` is a
-    fraction of the median distance). Builds ``[m, m]`` Gram matrices: memory is O(m^2).
+    fraction of the median distance). Builds ``[rows, rows]`` Gram matrices: memory is O(rows^2).
     """
     if sigma <= 0:
         raise ConfigError(f"rbf_cka: sigma must be > 0 (a fraction of the median distance), got {sigma}")
@@ -274,7 +274,7 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.8, *, debiased: b
 
 def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor], *, debiased: bool = False,
                kernel: str = "linear", sigma: float = 0.8) -> torch.Tensor:
-    """Pairwise CKA ``[len(xs), len(ys)]`` of matrices ``xs[i] [m, d_i]`` and ``ys[j] [m, d_j]`` (no grad)."""
+    """Pairwise CKA ``[len(xs), len(ys)]`` of matrices ``xs[i] [rows, d_i]`` and ``ys[j] [rows, d_j]`` (no grad)."""
     if kernel not in ("linear", "rbf"):
         raise ConfigError(f"unknown CKA kernel {kernel!r}; use 'linear' or 'rbf'")
     out = torch.zeros(len(xs), len(ys), dtype=torch.float64)
@@ -300,8 +300,8 @@ def rowwise_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> floa
 
 
 def principal_subspace(x: torch.Tensor, k: int = 3, space: str = "samples") -> torch.Tensor:
-    """Orthonormal top-``k`` principal directions of the column-centred ``x [m, d]``:
-    ``[m, k]`` (``space="samples"``: left singular vectors) or ``[d, k]`` (``"features"``)."""
+    """Orthonormal top-``k`` principal directions of the column-centred ``x [rows, d]``:
+    ``[rows, k]`` (``space="samples"``: left singular vectors) or ``[d, k]`` (``"features"``)."""
     if space not in SUBSPACES:
         raise ConfigError(f"unknown subspace {space!r}; use one of {', '.join(SUBSPACES)}")
     x = x.double()

@@ -15,7 +15,7 @@
   ``A = (1/N) sum_i S_i (1 - |I~_S,i - I~_T,i|)``, in [0, 1].
 
 [ours] MLP subspaces are taken in *sample space* by default (the top-k left singular vectors of
-the centred ``[tokens, d_model]`` output matrix), which compares models of different widths; the
+the centred ``[rows, d_model]`` output matrix over real tokens), which compares models of different widths; the
 paper's feature-space variant (top-k right singular vectors, needs equal ``d_model``) is
 ``mlp_space="features"``. Attention patterns are averaged per real-token index (padding never
 enters a mean, left and right padding agree).
@@ -97,7 +97,7 @@ def check_same_tokens(teacher, student, task_data: TaskData, max_prompts: int = 
 # ---- similarity tables ---------------------------------------------------------------------
 
 def _outputs(model, batch: Batch, components: Sequence[Component], batch_size: int) -> dict[Component, torch.Tensor]:
-    """``comp -> [m, d]``: the components' outputs at the ``m`` real tokens of ``batch`` (float32, cpu)."""
+    """``comp -> [rows, d]``: the components' outputs at the real tokens of ``batch`` (float32, cpu)."""
     return read_activations(model, batch.input_ids, batch.attention_mask, components, batch_size=batch_size,
                             real_tokens=True)
 

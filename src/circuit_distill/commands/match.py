@@ -18,8 +18,8 @@ def register(sub) -> None:
     p.add_argument("--method", default="ablation", choices=["ablation", "hungarian", "cka", "random"])
     p.add_argument("--metric", default=None,
                    help="which effect to use when the effects files hold several metrics (e.g. p_correct)")
-    p.add_argument("--teacher-acts", help="cka: teacher activations {name: [m, d]} (.safetensors or torch.save)")
-    p.add_argument("--student-acts", help="cka: student activations {name: [m, d]} on the same inputs")
+    p.add_argument("--teacher-acts", help="cka: teacher activations {name: [rows, d]} (.safetensors or torch.save)")
+    p.add_argument("--student-acts", help="cka: student activations {name: [rows, d]} on the same inputs")
     p.add_argument("--debiased", action="store_true", help="cka: debiased (unbiased-HSIC) CKA")
     p.add_argument("--normalize", action="store_true",
                    help="ablation/hungarian/random: compare effects as fractions of each model's largest |dP| in its "

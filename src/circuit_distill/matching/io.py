@@ -156,7 +156,7 @@ def load_circuit(path: str | os.PathLike) -> list[Component]:
 
 
 def load_acts(path: str | os.PathLike) -> dict[Component, torch.Tensor]:
-    """Activations ``{component: Tensor[m, d]}`` from a ``.safetensors`` or ``torch.save`` file keyed by names."""
+    """Activations ``{component: Tensor[rows, d]}`` from a ``.safetensors`` or ``torch.save`` file keyed by names."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"activations file {p} does not exist")
@@ -167,5 +167,5 @@ def load_acts(path: str | os.PathLike) -> dict[Component, torch.Tensor]:
     else:
         raw = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{p}: expected a mapping of component names to tensors [m, d]")
+        raise ConfigError(f"{p}: expected a mapping of component names to tensors [rows, d]")
     return {Component.parse(k): v for k, v in raw.items()}

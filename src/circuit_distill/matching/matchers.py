@@ -51,7 +51,7 @@ class MatchProblem:
     ``student`` / ``teacher``: the circuits' components (sorted, forward order); ``distance[i][j]``:
     ``|dP_s - dP_t|`` of ``student[i]`` and ``teacher[j]`` (after ``normalize``), None unless both
     models' effects cover their circuits; ``info``: the map's ``info`` (a matcher adds its own facts);
-    ``*_acts``: ``{component: Tensor[m, d]}`` on the same ``m`` inputs (``cka``).
+    ``*_acts``: ``{component: Tensor[rows, d]}`` on the same inputs, row for row (``cka``).
     """
 
     student: list[Component]
@@ -113,7 +113,7 @@ def _hungarian(p: MatchProblem) -> tuple[list[int], list[float]]:
 
 def _cka(p: MatchProblem) -> tuple[list[int], list[float]]:
     if p.teacher_acts is None or p.student_acts is None:
-        raise ConfigError("method 'cka' needs teacher_acts and student_acts: {component: Tensor[m, d]} "
+        raise ConfigError("method 'cka' needs teacher_acts and student_acts: {component: Tensor[rows, d]} "
                           "captured on the same inputs in both models")
     ta = {Component.parse(k): v for k, v in p.teacher_acts.items()}
     sa = {Component.parse(k): v for k, v in p.student_acts.items()}
@@ -174,7 +174,7 @@ def match(teacher_effects: Mapping[Component, float] | None, student_effects: Ma
 
     ``*_effects``: ablation effects ``dP`` per component (keys may be names like ``"L1.H2"``);
     ``*_circuit``: a list of components/names or an object with ``.components``; ``*_acts``
-    (``cka`` only): ``{component: Tensor[m, d]}`` with rows aligned over the same ``m`` inputs in
+    (``cka`` only): ``{component: Tensor[rows, d]}`` with rows aligned over the same inputs in
     both models. ``normalize``: compare effects as fractions of each model's largest ``|dP|`` over its
     circuit. Pairs come out in student forward order. Raises ``ConfigError`` on unknown methods,
     empty circuits or missing effects/activations.
