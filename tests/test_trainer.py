@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from circuit_distill.config import DistillConfig
 from circuit_distill.distill.cache import build_cache
+from circuit_distill.distill.config import DistillConfig
 from circuit_distill.distill.trainer import NonFiniteLossError, distill
 from circuit_distill.matching import ComponentMap
 from circuit_distill.model import Component, load_model, tiny_model

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import DistillConfig
 from ..errors import CircuitDistillError, ConfigError
 from ..files import atomic_write, atomic_write_json
 from ..matching import ComponentMap, match
@@ -30,6 +29,7 @@ from ..tasks.base import TaskData
 from ..tasks.metrics import evaluate
 from ..tasks.positions import select_rows, task_positions
 from .cache import TeacherCache, build_cache, teacher_outputs
+from .config import DistillConfig
 from .losses import pair_ckas
 from .objectives import get_objective, objective_loss
 from .trainable import set_trainable

@@ -21,11 +21,12 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Config, option
 from ..errors import ConfigError
 from ..files import atomic_write
 from ..model.arch import build_arch
@@ -38,36 +39,36 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
-class TinyTrainConfig:
+class TinyTrainConfig(Config):
     """Everything that defines a ``train_tiny`` run (saved with the model as ``training.json``)."""
 
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    d_mlp: int | None = None
-    min_boxes: int = 2
-    max_boxes: int = 7
-    n_queries: int = 4
-    easy_fraction: float = 0.5
-    # one box count per batch (drawn per step) instead of per sequence: no padding waste
-    same_boxes_per_batch: bool = False
-    lr: float = 1e-3
-    warmup: int = 200
-    # constant lr after warmup; from this step on it falls linearly to 0 at max_steps (None: never)
-    anneal_from: int | None = None
-    weight_decay: float = 0.01
-    batch_size: int = 64
-    max_steps: int = 20_000
-    eval_every: int = 250
-    eval_n: int = 300
-    target_accuracy: float = 0.99
-    target_boxes: list[int] = field(default_factory=lambda: [7])
-    report_boxes: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
-    report_n: int = 500
-    checkpoint_every: int = 500
-    seed: int = 0
-    threads: int = 2
+    n_layers: int = option(2, "transformer layers")
+    d_model: int = option(128, "residual width")
+    n_heads: int = option(4, "query heads per layer")
+    n_kv_heads: int = option(2, "key/value heads per layer (GQA)")
+    d_mlp: int | None = option(None, "MLP width (None: 4 * d_model)")
+    min_boxes: int = option(2, "fewest boxes in a training context")
+    max_boxes: int = option(7, "most boxes in a training context")
+    n_queries: int = option(4, "queries per training sequence")
+    easy_fraction: float = option(0.5, "fraction of queries in the easy 'Box T object' form")
+    same_boxes_per_batch: bool = option(False, "one box count per batch (drawn per step) instead of per "
+                                               "sequence: no padding waste")
+    lr: float = option(1e-3, "AdamW learning rate after warmup")
+    warmup: int = option(200, "linear warmup steps")
+    anneal_from: int | None = option(None, "from this step the lr falls linearly to 0 at max_steps (None: never)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    batch_size: int = option(64, "sequences per step")
+    max_steps: int = option(20_000, "stop here if the target is not reached")
+    eval_every: int = option(250, "steps between held-out evaluations")
+    eval_n: int = option(300, "held-out prompts per box count at each evaluation")
+    target_accuracy: float = option(0.99, "stop when every target_boxes accuracy reaches this")
+    target_boxes: list[int] = option(help="box counts of the stopping rule", factory=lambda: [7])
+    report_boxes: list[int] = option(help="box counts measured at the end",
+                                     factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    report_n: int = option(500, "prompts per box count of the final measurement")
+    checkpoint_every: int = option(500, "steps between checkpoints")
+    seed: int = option(0, "seed of the initialisation and of every batch")
+    threads: int = option(2, "torch CPU threads")
 
     def validate(self) -> None:
         parse_boxes((self.min_boxes, self.max_boxes))
