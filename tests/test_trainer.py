@@ -217,7 +217,7 @@ def test_logged_alignment_equals_per_pair_cka_by_hand(models, data, dirs, padded
     step-1 loss as one ``select_rows(..., "all")`` + CKA per pair on the same batch and weights."""
     from circuit_distill.distill.cache import teacher_outputs
     from circuit_distill.distill.losses import alignment_loss
-    from circuit_distill.distill.trainer import batch_indices
+    from circuit_distill.distill.state import batch_indices
     from circuit_distill.model.hooks import capture
     from circuit_distill.tasks.positions import select_rows
 
