@@ -129,27 +129,11 @@ def make_data(cfg: DemoConfig, tokenizer) -> dict:
     }
 
 
-@torch.no_grad()
 def pair_ckas_on(student, teacher, td, pairs, positions: str, n: int = 128) -> list[float]:
     """CKA of each (student head, teacher head) pair on the first ``n`` prompts of ``td``."""
-    from .distill.cache import teacher_outputs
-    from .distill.losses import pair_ckas
-    from .model import capture
-    from .tasks.positions import select_rows, task_positions
+    from .distill.features import pair_cka
 
-    if not pairs:
-        return []
-    idx = torch.arange(min(n, len(td)))
-    t_comps = sorted({t for _, t in pairs})
-    t_acts, _ = teacher_outputs(teacher, td, t_comps, positions, idx)
-    b = td.clean.subset(idx)
-    pos = task_positions(td, positions, idx)
-    with capture(student, [s for s, _ in pairs], detach=True) as cap:
-        student(b.input_ids, b.attention_mask)
-        s_feats = [select_rows(cap[s], b.attention_mask, pos) for s, _ in pairs]
-    t_feats = [t_acts[t] if t_acts[t].dim() == 2 else select_rows(t_acts[t], b.attention_mask, pos)
-               for _, t in pairs]
-    return [float(c) for c in pair_ckas(s_feats, t_feats)]
+    return pair_cka(student, pairs, td, positions, teacher=teacher, n=n)
 
 
 def _alignment(teacher, student, td, teacher_sweep=None) -> tuple[float, object]:
