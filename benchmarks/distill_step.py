@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from _common import interleaved_runs, print_table, write_results
 
-from circuit_distill.config import DistillConfig
 from circuit_distill.distill import build_cache, distill
+from circuit_distill.distill.config import DistillConfig
 from circuit_distill.matching import ComponentMap
 from circuit_distill.model import Component, load_model, tiny_model
 from circuit_distill.tasks import make_task

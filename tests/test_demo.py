@@ -6,7 +6,7 @@ import json
 import pytest
 
 from circuit_distill import tiny_model
-from circuit_distill.commands.demo import parse_overrides
+from circuit_distill.config import load_config
 from circuit_distill.demo import PAPER_ROWS, DemoConfig, run_demo
 from circuit_distill.errors import ConfigError
 from circuit_distill.model import Component
@@ -49,18 +49,18 @@ def test_demo_end_to_end_on_stand_in_models(pair, tmp_path):
 
 
 def test_demo_overrides_are_checked():
-    cfg = parse_overrides(DemoConfig(), ["lr=0.01", "steps=7"])
+    cfg = load_config(DemoConfig, overrides=["lr=0.01", "steps=7"])
     assert cfg.lr == 0.01 and cfg.steps == 7
     with pytest.raises(ConfigError, match="unknown demo setting 'lr_max'"):
-        parse_overrides(DemoConfig(), ["lr_max=1"])
+        load_config(DemoConfig, overrides=["lr_max=1"])
     with pytest.raises(ConfigError, match="expects int"):
-        parse_overrides(DemoConfig(), ["steps=abc"])
-    assert parse_overrides(DemoConfig(), ["extra_matchers=[ablation_norm]"]).extra_matchers == ["ablation_norm"]
+        load_config(DemoConfig, overrides=["steps=abc"])
+    assert load_config(DemoConfig, overrides=["extra_matchers=[ablation_norm]"]).extra_matchers == ["ablation_norm"]
     with pytest.raises(ConfigError, match="unknown demo matcher"):
-        parse_overrides(DemoConfig(), ["extra_matchers=[hungrian]"])
-    assert parse_overrides(DemoConfig(), ["circuit=pruned", "circuit_threshold=0.1"]).circuit == "pruned"
+        load_config(DemoConfig, overrides=["extra_matchers=[hungrian]"])
+    assert load_config(DemoConfig, overrides=["circuit=pruned", "circuit_threshold=0.1"]).circuit == "pruned"
     with pytest.raises(ConfigError, match="circuit must be"):
-        parse_overrides(DemoConfig(), ["circuit=top4"])
+        load_config(DemoConfig, overrides=["circuit=top4"])
 
 
 def test_demo_train_kv_adds_the_mapped_heads_kv_groups(pair, tmp_path):
@@ -80,7 +80,7 @@ def test_demo_train_kv_adds_the_mapped_heads_kv_groups(pair, tmp_path):
     assert by_row["ce+align_cka"]["trained_params"] == expected
     assert by_row["ce@all"]["trained_param_fraction"] == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="trainable must be"):
-        parse_overrides(DemoConfig(), ["trainable=all"])
+        load_config(DemoConfig, overrides=["trainable=all"])
 
 
 def test_demo_on_the_shipped_models_small_budget(tmp_path):

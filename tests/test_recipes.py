@@ -8,17 +8,18 @@ import pytest
 from circuit_distill.cli import build_parser
 from circuit_distill.commands.compare import apply_config
 from circuit_distill.config import load_config
+from circuit_distill.distill.config import DistillConfig
 from circuit_distill.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_llama_recipe_is_a_valid_distill_config():
-    cfg = load_config(CONFIGS / "llama-3.1-8b_to_llama-3.2-1b_entity_tracking.yaml")
+    cfg = load_config(DistillConfig, CONFIGS / "llama-3.1-8b_to_llama-3.2-1b_entity_tracking.yaml")
     assert cfg.teacher == "meta-llama/Llama-3.1-8B" and cfg.student == "meta-llama/Llama-3.2-1B"
     assert cfg.objective == "ce+align_cka" and cfg.trainable == "matched_heads" and cfg.dtype == "bfloat16"
     assert cfg.task == "entity_tracking" and cfg.positions == "all"
-    over = load_config(CONFIGS / "llama-3.1-8b_to_llama-3.2-1b_entity_tracking.yaml", ["teacher=/models/t", "steps=7"])
+    over = load_config(DistillConfig, CONFIGS / "llama-3.1-8b_to_llama-3.2-1b_entity_tracking.yaml", ["teacher=/models/t", "steps=7"])
     assert over.teacher == "/models/t" and over.steps == 7
 
 

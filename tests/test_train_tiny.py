@@ -139,3 +139,38 @@ def test_annealing_added_on_resume_equals_a_fresh_annealed_run(tmp_path):
     with pytest.raises(ConfigError, match="different configuration"):
         train_tiny(_mini(max_steps=40, anneal_from=20), tmp_path / "part", resume=True, progress=False,
                    log=lambda m: None)
+
+
+def test_tiny_steps_alone_checkpoint_round_trip(tmp_path):
+    """``tiny_step`` is the seeded step of ``train_tiny``; ``save_tiny_checkpoint`` /
+    ``restore_tiny_checkpoint`` bring back the model, optimizer, schedule and run exactly."""
+    from circuit_distill.training.tiny import (
+        TinyRun,
+        build_model,
+        lr_factor,
+        restore_tiny_checkpoint,
+        save_tiny_checkpoint,
+        tiny_step,
+    )
+
+    cfg, tok = _mini(), entity_tokenizer()
+
+    def fresh():
+        hf = build_model(cfg, tok)
+        opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        return hf, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+
+    hf, opt, sched = fresh()
+    losses = [tiny_step(hf, opt, sched, cfg, tok, step).item() for step in range(3)]
+    assert losses[-1] < losses[0]
+    run = TinyRun(step=3, elapsed=1.5, history=[{"step": 3}], first_loss=round(losses[0], 5))
+    save_tiny_checkpoint(tmp_path / "c.pt", hf, opt, sched, run, cfg)
+    hf2, opt2, sched2 = fresh()
+    assert restore_tiny_checkpoint(tmp_path / "c.pt", hf2, opt2, sched2, cfg) == run
+    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), hf2.state_dict().values()))
+    assert sched2.state_dict() == sched.state_dict()
+    # the next step is the same from the restored state
+    assert tiny_step(hf, opt, sched, cfg, tok, 3).item() == tiny_step(hf2, opt2, sched2, cfg, tok, 3).item()
+    assert restore_tiny_checkpoint(tmp_path / "c.pt", *fresh(), _mini(max_steps=99)).step == 3  # free to change
+    with pytest.raises(ConfigError, match="different configuration"):
+        restore_tiny_checkpoint(tmp_path / "c.pt", *fresh(), _mini(lr=0.5))

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from circuit_distill.config import DistillConfig
 from circuit_distill.distill.cache import build_cache
+from circuit_distill.distill.config import DistillConfig
 from circuit_distill.distill.trainer import NonFiniteLossError, distill
 from circuit_distill.matching import ComponentMap
 from circuit_distill.model import Component, load_model, tiny_model
@@ -217,7 +217,7 @@ def test_logged_alignment_equals_per_pair_cka_by_hand(models, data, dirs, padded
     step-1 loss as one ``select_rows(..., "all")`` + CKA per pair on the same batch and weights."""
     from circuit_distill.distill.cache import teacher_outputs
     from circuit_distill.distill.losses import alignment_loss
-    from circuit_distill.distill.trainer import batch_indices
+    from circuit_distill.distill.state import batch_indices
     from circuit_distill.model.hooks import capture
     from circuit_distill.tasks.positions import select_rows
 

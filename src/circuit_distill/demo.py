@@ -15,11 +15,12 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .config import Config
 from .files import atomic_write_json, atomic_write_text
 
 TEACHER = "builtin:entity-tracking-teacher"
@@ -40,8 +41,10 @@ EXTRA_MATCHERS = (*OUR_MATCHERS, "ablation_norm")  # ablation_norm: the paper's 
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     """Everything that defines the demo's experiment. Change it here or with ``--set key=value``."""
+
+    label = "demo setting"
 
     teacher: str = TEACHER
     student: str = STUDENT
@@ -74,7 +77,7 @@ class DemoConfig:
     trainable: str = "matched_heads"
     train_kv: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         from .errors import ConfigError
 
         unknown = [m for m in self.extra_matchers if m not in EXTRA_MATCHERS]
@@ -86,9 +89,6 @@ class DemoConfig:
         if self.trainable not in ("matched_heads", "attention"):
             raise ConfigError(f"demo setting trainable must be 'matched_heads' or 'attention', got {self.trainable!r} "
                               "(the ce@all row already trains everything)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _rows(cfg: DemoConfig, maps: dict) -> dict[str, tuple[str, str, str]]:
@@ -129,27 +129,11 @@ def make_data(cfg: DemoConfig, tokenizer) -> dict:
     }
 
 
-@torch.no_grad()
 def pair_ckas_on(student, teacher, td, pairs, positions: str, n: int = 128) -> list[float]:
     """CKA of each (student head, teacher head) pair on the first ``n`` prompts of ``td``."""
-    from .distill.cache import teacher_outputs
-    from .distill.losses import pair_ckas
-    from .model import capture
-    from .tasks.positions import select_rows, task_positions
+    from .distill.features import pair_cka
 
-    if not pairs:
-        return []
-    idx = torch.arange(min(n, len(td)))
-    t_comps = sorted({t for _, t in pairs})
-    t_acts, _ = teacher_outputs(teacher, td, t_comps, positions, idx)
-    b = td.clean.subset(idx)
-    pos = task_positions(td, positions, idx)
-    with capture(student, [s for s, _ in pairs], detach=True) as cap:
-        student(b.input_ids, b.attention_mask)
-        s_feats = [select_rows(cap[s], b.attention_mask, pos) for s, _ in pairs]
-    t_feats = [t_acts[t] if t_acts[t].dim() == 2 else select_rows(t_acts[t], b.attention_mask, pos)
-               for _, t in pairs]
-    return [float(c) for c in pair_ckas(s_feats, t_feats)]
+    return pair_cka(student, pairs, td, positions, teacher=teacher, n=n)
 
 
 def _alignment(teacher, student, td, teacher_sweep=None) -> tuple[float, object]:
@@ -208,8 +192,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
     """Run the whole demo and write ``results.json`` and ``report.html`` into ``out``; return the results."""
     from tqdm.auto import tqdm
 
-    from .config import DistillConfig
     from .distill.cache import TeacherCache, build_cache
+    from .distill.config import DistillConfig
     from .distill.trainer import distill
     from .model import load_model
     from .tasks import evaluate

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="distil the built-in entity-tracking teacher into the built-in student with "
@@ -17,39 +15,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_overrides(cfg, overrides: list[str]):
-    """Apply ``key=value`` strings to a DemoConfig; an unknown key is a ConfigError naming the valid ones."""
-    import yaml
-
-    from ..errors import ConfigError
-
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    changes = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        if key not in fields:
-            raise ConfigError(f"unknown demo setting {key!r}; valid: {', '.join(fields)}")
-        value = yaml.safe_load(raw)
-        current = getattr(cfg, key)
-        if isinstance(current, float) and isinstance(value, int):
-            value = float(value)
-        if current is not None and not isinstance(value, type(current)):
-            raise ConfigError(f"demo setting {key!r} expects {type(current).__name__}, got {raw!r}")
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes)
-
-
 def run(args) -> int:
+    from ..config import load_config
     from ..demo import DemoConfig, run_demo
     from ..errors import ConfigError
 
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
-    cfg = DemoConfig(seeds=list(range(args.seeds)))
-    if args.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
-    cfg = parse_overrides(cfg, args.overrides)
+    flags = {"seeds": list(range(args.seeds)), **({"steps": args.steps} if args.steps is not None else {})}
+    cfg = load_config(DemoConfig, overrides=args.overrides, base=flags)
     run_demo(cfg, args.out, progress=not args.quiet)
     return 0

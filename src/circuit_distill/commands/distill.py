@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 
 def register(sub) -> None:
+    from ..config import config_help
+    from ..distill.config import DistillConfig
+
     p = sub.add_parser("distill", help="circuit distillation: discover + match (unless a component map is given), "
-                                       "then train the student")
-    p.add_argument("--config", default=None, help="YAML config (keys of circuit_distill.config.DistillConfig)")
+                                       "then train the student",
+                       epilog="config keys (YAML or key=value):\n" + config_help(DistillConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (keys of circuit_distill.distill.config.DistillConfig)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 task_options.seq_len=16")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -33,13 +39,14 @@ def run(args) -> int:
     from accelerate import PartialState
 
     from ..config import load_config
+    from ..distill.config import DistillConfig
     from ..distill.trainer import distill
     from ..errors import ConfigError
     from ..matching import ComponentMap
     from ..model import load_model
     from ..tasks import make_task
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(DistillConfig, args.config, args.overrides)
     for k in ("teacher", "student", "task", "out_dir"):
         if not getattr(cfg, k):
             raise ConfigError(f"config key {k!r} is required for the distill command (set it in the YAML or as {k}=...)")

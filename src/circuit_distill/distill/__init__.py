@@ -1,6 +1,7 @@
-"""distill stage: losses, objectives, trainable subsets, the teacher cache and the trainer."""
+"""distill stage: its config, losses, objectives, trainable subsets, the teacher cache and the trainer."""
 
 from .cache import TeacherCache, build_cache
+from .config import DistillConfig
 from .trainer import DistillResult, NonFiniteLossError, distill
 
-__all__ = ["DistillResult", "NonFiniteLossError", "TeacherCache", "build_cache", "distill"]
+__all__ = ["DistillConfig", "DistillResult", "NonFiniteLossError", "TeacherCache", "build_cache", "distill"]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config, option
 from ..errors import ConfigError
 from ..files import atomic_write
 from ..model.arch import build_arch
@@ -38,36 +39,36 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
-class TinyTrainConfig:
+class TinyTrainConfig(Config):
     """Everything that defines a ``train_tiny`` run (saved with the model as ``training.json``)."""
 
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    d_mlp: int | None = None
-    min_boxes: int = 2
-    max_boxes: int = 7
-    n_queries: int = 4
-    easy_fraction: float = 0.5
-    # one box count per batch (drawn per step) instead of per sequence: no padding waste
-    same_boxes_per_batch: bool = False
-    lr: float = 1e-3
-    warmup: int = 200
-    # constant lr after warmup; from this step on it falls linearly to 0 at max_steps (None: never)
-    anneal_from: int | None = None
-    weight_decay: float = 0.01
-    batch_size: int = 64
-    max_steps: int = 20_000
-    eval_every: int = 250
-    eval_n: int = 300
-    target_accuracy: float = 0.99
-    target_boxes: list[int] = field(default_factory=lambda: [7])
-    report_boxes: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
-    report_n: int = 500
-    checkpoint_every: int = 500
-    seed: int = 0
-    threads: int = 2
+    n_layers: int = option(2, "transformer layers")
+    d_model: int = option(128, "residual width")
+    n_heads: int = option(4, "query heads per layer")
+    n_kv_heads: int = option(2, "key/value heads per layer (GQA)")
+    d_mlp: int | None = option(None, "MLP width (None: 4 * d_model)")
+    min_boxes: int = option(2, "fewest boxes in a training context")
+    max_boxes: int = option(7, "most boxes in a training context")
+    n_queries: int = option(4, "queries per training sequence")
+    easy_fraction: float = option(0.5, "fraction of queries in the easy 'Box T object' form")
+    same_boxes_per_batch: bool = option(False, "one box count per batch (drawn per step) instead of per "
+                                               "sequence: no padding waste")
+    lr: float = option(1e-3, "AdamW learning rate after warmup")
+    warmup: int = option(200, "linear warmup steps")
+    anneal_from: int | None = option(None, "from this step the lr falls linearly to 0 at max_steps (None: never)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    batch_size: int = option(64, "sequences per step")
+    max_steps: int = option(20_000, "stop here if the target is not reached")
+    eval_every: int = option(250, "steps between held-out evaluations")
+    eval_n: int = option(300, "held-out prompts per box count at each evaluation")
+    target_accuracy: float = option(0.99, "stop when every target_boxes accuracy reaches this")
+    target_boxes: list[int] = option(help="box counts of the stopping rule", factory=lambda: [7])
+    report_boxes: list[int] = option(help="box counts measured at the end",
+                                     factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    report_n: int = option(500, "prompts per box count of the final measurement")
+    checkpoint_every: int = option(500, "steps between checkpoints")
+    seed: int = option(0, "seed of the initialisation and of every batch")
+    threads: int = option(2, "torch CPU threads")
 
     def validate(self) -> None:
         parse_boxes((self.min_boxes, self.max_boxes))
@@ -162,6 +163,73 @@ def _atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+@dataclass
+class TinyRun:
+    """Where a ``train_tiny`` run stands (saved in its checkpoint): steps done, training seconds, the
+    evaluations so far, whether the target is reached, and the first step's loss."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    reached: bool = False
+    first_loss: float | None = None
+
+
+def save_tiny_checkpoint(path: Path, hf, opt, sched, run: TinyRun, cfg: TinyTrainConfig) -> None:
+    """Write the checkpoint ``path`` (atomically): model, optimizer, scheduler, ``run`` and ``cfg``."""
+    _atomic_save({"model": hf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "step": run.step, "elapsed": run.elapsed, "history": run.history, "reached": run.reached,
+                  "first_loss": run.first_loss, "config": asdict(cfg)}, path)
+
+
+def restore_tiny_checkpoint(path: Path, hf, opt, sched, cfg: TinyTrainConfig) -> TinyRun:
+    """Load the checkpoint ``path`` into ``hf``, ``opt`` and ``sched`` and return its ``TinyRun``.
+    ``ConfigError`` if it was written by a configuration other than ``cfg`` (beyond the options free to change)."""
+    state = torch.load(path, weights_only=False)
+    # options added after the checkpoint was written take their defaults
+    saved = asdict(TinyTrainConfig()) | state["config"]
+    # free to change: max_steps, threads, and an annealing phase that starts at or after the
+    # checkpoint (the schedule so far is unchanged, so a fresh run with the new options is identical)
+    free = {"threads": saved["threads"]}
+    if saved["anneal_from"] is None or saved["anneal_from"] >= state["step"]:
+        free["max_steps"] = saved["max_steps"]  # (an annealing slope under way depends on it)
+    if all(a is None or a >= state["step"] for a in (saved["anneal_from"], cfg.anneal_from)):
+        free["anneal_from"] = saved["anneal_from"]
+    if saved != asdict(cfg) | free:
+        raise ConfigError(f"{path} was written by a different configuration; use a new output "
+                          "directory or the same options")
+    hf.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return TinyRun(state["step"], state["elapsed"], state["history"], state["reached"], state.get("first_loss"))
+
+
+def tiny_step(hf, opt, sched, cfg: TinyTrainConfig, tokenizer, step: int) -> torch.Tensor:
+    """One optimisation step on the batch of ``step`` (loss on the answer tokens, gradients clipped at 1);
+    returns the loss."""
+    hf.train()
+    input_ids, mask, labels = sample_batch(cfg, tokenizer, step)
+    logits = hf(input_ids=input_ids, attention_mask=mask).logits
+    # labels already sit at the position that predicts them: no shift
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss
+
+
+def export_tiny_model(hf, tokenizer, out: Path, record: dict) -> None:
+    """Save the model (safetensors), its tokenizer, ``training.json`` and the model card into ``out``."""
+    with quiet_transformers():
+        hf.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(record))
+
+
 def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = False,
                checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, log=print,
                command: str | None = None) -> dict:
@@ -182,84 +250,47 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     hf = build_model(cfg, tokenizer)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    step, elapsed, history, reached, first_loss = 0, 0.0, [], False, None
+    run = TinyRun()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / CHECKPOINT
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        # options added after the checkpoint was written take their defaults
-        saved = asdict(TinyTrainConfig()) | state["config"]
-        # free to change: max_steps, threads, and an annealing phase that starts at or after the
-        # checkpoint (the schedule so far is unchanged, so a fresh run with the new options is identical)
-        free = {"threads": saved["threads"]}
-        if saved["anneal_from"] is None or saved["anneal_from"] >= state["step"]:
-            free["max_steps"] = saved["max_steps"]  # (an annealing slope under way depends on it)
-        if all(a is None or a >= state["step"] for a in (saved["anneal_from"], cfg.anneal_from)):
-            free["anneal_from"] = saved["anneal_from"]
-        if saved != asdict(cfg) | free:
-            raise ConfigError(f"{ckpt} was written by a different configuration; use a new output "
-                              "directory or the same options")
-        hf.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, elapsed, history, reached = state["step"], state["elapsed"], state["history"], state["reached"]
-        first_loss = state.get("first_loss")
-        log(f"resumed from {ckpt} at step {step}")
+        run = restore_tiny_checkpoint(ckpt, hf, opt, sched, cfg)
+        log(f"resumed from {ckpt} at step {run.step}")
     model = Model(hf, tokenizer, build_arch(hf), name="train_tiny")
-
-    def checkpoint() -> None:
-        _atomic_save({"model": hf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "step": step, "elapsed": elapsed, "history": history, "reached": reached,
-                      "first_loss": first_loss, "config": asdict(cfg)}, ckpt)
-
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="train-tiny", mininterval=2.0)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not progress, desc="train-tiny", mininterval=2.0)
     t0 = time.perf_counter()
-    while step < cfg.max_steps and not reached:
-        hf.train()
-        input_ids, mask, labels = sample_batch(cfg, tokenizer, step)
-        logits = hf(input_ids=input_ids, attention_mask=mask).logits
-        # labels already sit at the position that predicts them: no shift
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        if first_loss is None:
-            first_loss = round(loss.item(), 5)
+    while run.step < cfg.max_steps and not run.reached:
+        loss = tiny_step(hf, opt, sched, cfg, tokenizer, run.step)
+        run.step += 1
+        if run.first_loss is None:
+            run.first_loss = round(loss.item(), 5)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
             hf.eval()
             accs = {b: accuracy_at(model, b, cfg.eval_n, seed=10_000 + b) for b in cfg.target_boxes}
-            elapsed += time.perf_counter() - t0
+            run.elapsed += time.perf_counter() - t0
             t0 = time.perf_counter()
-            history.append({"step": step, "loss": round(loss.item(), 5), "seconds": round(elapsed, 1),
-                            "accuracy": {str(b): a for b, a in accs.items()}})
-            log(f"step {step} loss {loss.item():.4f} " + " ".join(f"acc@{b}={a:.3f}" for b, a in accs.items())
-                + f" ({elapsed:.0f}s)")
-            reached = all(a >= cfg.target_accuracy for a in accs.values())
-        if step % cfg.checkpoint_every == 0 or reached:
-            elapsed += time.perf_counter() - t0
+            run.history.append({"step": run.step, "loss": round(loss.item(), 5), "seconds": round(run.elapsed, 1),
+                                "accuracy": {str(b): a for b, a in accs.items()}})
+            log(f"step {run.step} loss {loss.item():.4f} " + " ".join(f"acc@{b}={a:.3f}" for b, a in accs.items())
+                + f" ({run.elapsed:.0f}s)")
+            run.reached = all(a >= cfg.target_accuracy for a in accs.values())
+        if run.step % cfg.checkpoint_every == 0 or run.reached:
+            run.elapsed += time.perf_counter() - t0
             t0 = time.perf_counter()
-            checkpoint()
+            save_tiny_checkpoint(ckpt, hf, opt, sched, run, cfg)
     bar.close()
-    elapsed += time.perf_counter() - t0
-    checkpoint()
+    run.elapsed += time.perf_counter() - t0
+    save_tiny_checkpoint(ckpt, hf, opt, sched, run, cfg)
     hf.eval()
     final = {str(b): accuracy_at(model, b, cfg.report_n, seed=20_000 + b) for b in cfg.report_boxes}
-    record = {"config": asdict(cfg), "steps": step, "seconds": round(elapsed, 1), "reached_target": reached,
-              "first_loss": first_loss, "history": history, "final_accuracy": final, "final_eval_n": cfg.report_n,
-              "params": sum(p.numel() for p in hf.parameters()),
+    record = {"config": asdict(cfg), "steps": run.step, "seconds": round(run.elapsed, 1),
+              "reached_target": run.reached, "first_loss": run.first_loss, "history": run.history,
+              "final_accuracy": final, "final_eval_n": cfg.report_n, "params": sum(p.numel() for p in hf.parameters()),
               "torch": torch.__version__, "command": command}
-    with quiet_transformers():
-        hf.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(record))
+    export_tiny_model(hf, tokenizer, out, record)
     log("final accuracy: " + " ".join(f"{b}:{a:.3f}" for b, a in final.items()))
     return record
 

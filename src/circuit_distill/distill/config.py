@@ -1,0 +1,70 @@
+"""``DistillConfig``: everything one distillation run needs, loaded with ``circuit_distill.config.load_config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config, option
+from ..errors import ConfigError
+from .objectives import get_objective
+
+POSITIONS_HELP = "'all' (every non-padding token), 'last', or the name of a task position"
+
+
+@dataclass
+class DistillConfig(Config):
+    """Everything one distillation run needs (see METHOD.md §1, §4); ``config_help(DistillConfig)`` lists the keys."""
+
+    override_example = "lr=1e-3 or task_options.seq_len=16"
+
+    teacher: str | None = option(None, "teacher model: hub id, local directory or builtin:NAME")
+    student: str | None = option(None, "student model (shares the teacher's tokenizer)")
+    dtype: str = option("float32", "weights of both models as loaded: float32 | bfloat16 | float16")
+    task: str | None = option(None, "task name (circuit_distill.tasks.task_names())")
+    task_options: dict = option(help="keyword options of the task, e.g. {seq_len: 16}", factory=dict)
+    n_train: int = option(512, "training prompts")
+    n_eval: int = option(256, "held-out prompts (evaluation and pair CKA)")
+    seed: int = option(0, "seed of the data, the batch order, the trainable subset and random pairs")
+    objective: str = option("ce+align_cka", "named objective (distill.objectives), e.g. ce, kd, ce+align_cka")
+    lam: float = option(1.0, "weight of the alignment term: CE + KD + lam * mean(1 - CKA)")
+    temperature: float = option(1.0, "KD softmax temperature")
+    positions: str = option("all", f"rows the alignment compares: {POSITIONS_HELP}")
+    debiased: bool = option(False, "debiased CKA estimator instead of the biased one")
+    labels: str = option("teacher", "CE labels: 'teacher' (teacher argmax) | 'gold'")
+    matching: str = option("ablation", "matcher of the distill command: ablation | hungarian | random")
+    component_map: str | None = option(None, "JSON component map to use instead of discovery + matching")
+    circuit_size: int = option(8, "heads per circuit the distill command discovers (top-k by ablation)")
+    trainable: str = option("matched_heads", "trained subset: matched_heads | attention | all | lora")
+    train_kv: bool = option(False, "matched_heads also trains the mapped heads' key/value groups")
+    steps: int = option(300, "optimizer steps")
+    batch_size: int = option(32, "examples per micro-batch (over all processes)")
+    lr: float = option(1e-3, "AdamW learning rate")
+    warmup: int = option(0, "linear warmup steps (0 = off)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    mixed_precision: str = option("no", "accelerate mixed precision: no | fp16 | bf16")
+    eval_every: int = option(50, "evaluate the eval sets every N steps (0 = only at the end)")
+    eval_batch_size: int = option(128, "batch size of evaluation, of the teacher cache and of the pair CKA")
+    checkpoint_every: int = option(0, "write out_dir/checkpoint.pt every N steps (0 = off)")
+    out_dir: str | None = option(None, "output directory (metrics.jsonl, manifest.json, student/); None = no files")
+    use_cache: bool = option(True, "precompute the teacher's outputs once (out_dir/teacher_cache)")
+
+    def validate(self) -> None:
+        """Check values (already coerced to their types); raise ``ConfigError`` saying what to change."""
+        if self.labels not in ("teacher", "gold"):
+            raise ConfigError(f"labels must be 'teacher' (teacher argmax) or 'gold', got {self.labels!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        for k in ("steps", "batch_size", "grad_accum", "n_train", "n_eval"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("warmup", "eval_every", "checkpoint_every"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0 (0 = off), got {getattr(self, k)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not self.positions:
+            raise ConfigError(f"positions must be {POSITIONS_HELP}")
+        self.objective = get_objective(self.objective).name

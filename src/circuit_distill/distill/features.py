@@ -1,0 +1,98 @@
+"""The features step: the student's and teacher's activation rows the alignment of each pair compares,
+and ``pair_cka``, the CKA of each pair measured on a task.
+
+Rows follow ``circuit_distill.tasks.positions.select_rows``: with ``positions == "all"`` every real
+(non-padding) token in row-major order, else one row per prompt at the named position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..model.components import Component
+from ..model.hooks import capture
+from ..tasks.base import TaskData
+from ..tasks.positions import Positions, select_rows, task_positions
+from .cache import TeacherCache, teacher_outputs
+from .losses import pair_ckas
+
+Pair = tuple[Component, Component]
+
+
+def as_rows(acts: torch.Tensor, attention_mask: torch.Tensor, positions: Positions) -> torch.Tensor:
+    """``[batch, seq, d]`` -> selected rows ``[rows, d]``; already-selected ``[batch, d]`` passes through."""
+    return acts if acts.dim() == 2 else select_rows(acts, attention_mask, positions)
+
+
+def stacked_head_rows(student_acts, pairs: Sequence[Pair], flat: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``flat`` (indices into the flattened ``[batch * seq]``; None = all of them) of every student
+    head of ``pairs`` (sorted by student head) as one ``[pairs, rows, d_head]`` tensor: one row selection
+    per layer, not one per head, so the alignment costs the same few operations whatever the number of pairs.
+    ``student_acts``: a ``capture`` of those heads (``layer_heads(layer)`` is ``[batch, seq, heads, d_head]``)."""
+    blocks = []
+    for layer in sorted({s.layer for s, _ in pairs}):
+        heads = [s.head for s, _ in pairs if s.layer == layer]
+        z = student_acts.layer_heads(layer)  # [batch, seq, heads, d_head]
+        rows = z.reshape(-1, *z.shape[2:])  # [batch * seq, heads, d_head]
+        if flat is not None:
+            rows = rows.index_select(0, flat)  # [rows, heads, d_head]
+        if heads != list(range(z.shape[2])):
+            rows = rows.index_select(1, torch.tensor(heads, device=rows.device))
+        blocks.append(rows)
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).transpose(0, 1)
+
+
+def alignment_features(student_acts, teacher_acts: dict[Component, torch.Tensor], attention_mask: torch.Tensor,
+                       positions: Positions, pairs: Sequence[Pair], device=None):
+    """The student's and teacher's rows of every pair, for the alignment loss.
+
+    ``student_acts``: a ``capture`` of the pairs' student heads (``[batch, seq, d_head]`` each);
+    ``teacher_acts``: ``{teacher head: [batch, seq, d_head], or selected rows [batch, d_head]}``;
+    ``positions``: what ``task_positions`` gives. With ``"all"``: two ``[pairs, rows, d_head]`` tensors
+    with the pairs sorted by (student, teacher) head (one batched selection; the loss is a mean over
+    pairs, so the order does not matter). Otherwise two lists of ``[rows, d_head]`` in pair order.
+    Teacher rows move to ``device``."""
+    if isinstance(positions, str) and positions == "all":  # one index for every tensor (same rows as select_rows)
+        stacked = sorted(pairs, key=lambda p: (p[0], p[1]))
+        # no padding: every row, no selection
+        flat = None if bool(attention_mask.all()) else attention_mask.reshape(-1).nonzero().squeeze(1)
+        s_feats = stacked_head_rows(student_acts, stacked, flat)
+        t_feats = torch.stack([teacher_acts[t] for _, t in stacked]).to(device)
+        t_feats = t_feats.reshape(len(stacked), -1, t_feats.shape[-1])
+        if flat is not None:
+            t_feats = t_feats.index_select(1, flat)
+        return s_feats, t_feats
+    s_feats = [select_rows(student_acts[s], attention_mask, positions) for s, _ in pairs]
+    t_feats = [as_rows(teacher_acts[t].to(device), attention_mask, positions) for _, t in pairs]
+    return s_feats, t_feats
+
+
+@torch.no_grad()
+def pair_cka(student, pairs: Sequence[Pair], td: TaskData, positions: str, *, teacher=None,
+             cache: TeacherCache | None = None, n: int = 128, debiased: bool = False) -> list[float]:
+    """Linear CKA of each (student head, teacher head) pair over the first ``n`` prompts of ``td`` (rows
+    at ``positions``: ``"all"``, ``"last"`` or a task position's name), in pair order.
+
+    The teacher's activations come from a forward of ``teacher`` if given, else from ``cache``, which
+    must hold ``td``'s rows (a cache of the training set, with ``td`` that set)."""
+    if not pairs:
+        return []
+    idx = torch.arange(min(len(td), n))
+    t_comps = sorted({t for _, t in pairs})
+    if teacher is not None:
+        t_acts, _ = teacher_outputs(teacher, td, t_comps, positions, idx)
+    elif cache is not None:
+        cache.check(t_comps, positions, len(td))
+        t_acts, _ = cache.rows(idx, t_comps)
+    else:
+        raise ConfigError("pair_cka needs the teacher (teacher=) or a teacher cache of td (cache=)")
+    b = td.clean.subset(idx).to(student.device)
+    pos = task_positions(td, positions, idx)
+    with capture(student, [s for s, _ in pairs], detach=True) as cap:
+        student(b.input_ids, b.attention_mask)
+        s_feats = [select_rows(cap[s], b.attention_mask, pos) for s, _ in pairs]
+    t_feats = [as_rows(t_acts[t].to(student.device), b.attention_mask, pos) for _, t in pairs]
+    return [float(c) for c in pair_ckas(s_feats, t_feats, debiased=debiased)]
