@@ -25,7 +25,7 @@ from circuit_distill.analysis import (
     subspace_similarity,
 )
 from circuit_distill.analysis.report import head_grid, write_report
-from circuit_distill.discovery.ablation import SweepResult
+from circuit_distill.discovery.sweep import SweepResult
 from circuit_distill.errors import CircuitDistillError, ConfigError
 from circuit_distill.model import load_model
 from circuit_distill.model.components import Component
@@ -238,7 +238,7 @@ def test_bert_masked_task(tmp_path):
         compare(teacher, student, data, position="answer")
     # BERT's masked-LM head post-processes the final hidden state: the fast sweep says so with its own
     # error type (compare falls back to full forwards on that type, not on the message)
-    from circuit_distill.discovery.ablation import ablation_sweep
+    from circuit_distill.discovery.sweep import ablation_sweep
     from circuit_distill.errors import FastSweepUnsupported
 
     with pytest.raises(FastSweepUnsupported):

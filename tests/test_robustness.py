@@ -19,7 +19,7 @@ from circuit_distill.analysis.robustness import (
     robustness,
     severity,
 )
-from circuit_distill.discovery.ablation import SweepResult
+from circuit_distill.discovery.sweep import SweepResult
 from circuit_distill.errors import CircuitDistillError, ConfigError
 from circuit_distill.model.components import Component
 

@@ -98,7 +98,7 @@ class Comparison:
     @classmethod
     def from_dict(cls, d: dict) -> Comparison:
         """Rebuild a ``Comparison`` from ``to_dict()`` output (e.g. a loaded comparison.json)."""
-        from ..discovery.ablation import SweepResult
+        from ..discovery.sweep import SweepResult
 
         def comp_map(m):
             return {Component.parse(k): float("nan") if v is None else float(v) for k, v in m.items()}
@@ -162,7 +162,7 @@ def _no_nan(x):
 
 def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, position: str,
            batch_size: int, progress):
-    from ..discovery.ablation import ablation_sweep
+    from ..discovery.sweep import ablation_sweep
 
     kw = dict(method=ablation, position=position, batch_size=batch_size, progress=progress)
     if model.is_encoder:  # the fast layer replay needs a plain final norm + unembedding

@@ -24,8 +24,11 @@ from pathlib import Path
 from ..errors import CircuitDistillError
 from ..model.components import Component, parse_components
 from ..tasks.base import TaskData
-from .ablation import ablate, ablation_sweep, ablation_values
+from .ablation import ablate
 from .patching import attribution_patching, path_patching
+from .progress import progress_bar
+from .sweep import ablation_sweep
+from .values import ablation_values
 
 SEARCH_METHODS = ("ablation", "path", "attribution")
 KINDS = ("head", "mlp", "all")
@@ -219,8 +222,6 @@ def find_circuit(model, task_data: TaskData, *, method: str = "ablation", kind: 
 def _prune(cands, ranked, full, threshold, circuit_metric, progress) -> tuple[list[Component], list[Component]]:
     """Greedy passes from the least important candidate up: drop a component if that costs less than
     ``threshold * |full|`` given what is already dropped; stop when a pass drops nothing."""
-    from tqdm.auto import tqdm
-
     circuit = list(cands)
     current = full
     removed: list[Component] = []
@@ -229,12 +230,13 @@ def _prune(cands, ranked, full, threshold, circuit_metric, progress) -> tuple[li
     while changed and circuit:
         changed = False
         order = [c for c in reversed(ranked) if c in circuit]
-        for c in tqdm(order, desc="pruning", disable=not (progress if progress is not None else len(order) >= 32),
-                      leave=False):
-            trial = [x for x in circuit if x != c]
-            m = circuit_metric(trial)
-            if current - m < budget:
-                circuit, current = trial, m
-                removed.append(c)
-                changed = True
+        with progress_bar(progress, len(order), "pruning") as bar:
+            for c in order:
+                trial = [x for x in circuit if x != c]
+                m = circuit_metric(trial)
+                if current - m < budget:
+                    circuit, current = trial, m
+                    removed.append(c)
+                    changed = True
+                bar.update(1)
     return sorted(circuit), removed
