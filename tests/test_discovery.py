@@ -21,7 +21,7 @@ from circuit_distill.discovery import (
     mean_activations,
     path_patching,
 )
-from circuit_distill.errors import CircuitDistillError
+from circuit_distill.errors import CircuitDistillError, ConfigError
 from circuit_distill.model import Component, capture, intervene, load_model, tiny_model, word_level_tokenizer
 from circuit_distill.tasks import (
     Batch,
@@ -228,6 +228,70 @@ def test_find_circuit_topk_and_faithfulness(models):
     assert circ.faithfulness == pytest.approx(faithfulness(model, td, circ.components, "answer_prob"), abs=1e-5)
     with pytest.raises(CircuitDistillError, match="search method"):
         find_circuit(model, td, method="magic")
+
+
+def _counting(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` by a wrapper that records each call; returns the record."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def wrapper(*a, **kw):
+        calls.append(a[2] if len(a) > 2 else kw.get("components"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def _without_seconds(c: Circuit) -> dict:
+    return {k: v for k, v in c.to_dict().items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_find_circuit_with_a_passed_sweep_equals_sweeping_inside(models, monkeypatch, top_k):
+    import circuit_distill.discovery.circuits as circuits
+    import circuit_distill.discovery.sweep as sweep_module
+
+    model = models["llama"]
+    td = _task(model.hf.config.vocab_size, seed=8)
+    heads = model.components("head")
+    sweeps = _counting(monkeypatch, circuits, "ablation_sweep")
+    reference_runs = _counting(monkeypatch, sweep_module, "ablation_values")
+    inside = find_circuit(model, td, metric="answer_prob", top_k=top_k, progress=False)
+    assert len(sweeps) == 1 and reference_runs == []  # the sweep reuses find_circuit's ablation values
+    # a sweep the caller already ran (more metrics than needed), on the same heads
+    given = ablation_sweep(model, td, heads, metrics=("answer_prob", "logit_diff", "accuracy"), progress=False)
+    passed = find_circuit(model, td, metric="answer_prob", top_k=top_k, progress=False, sweep=given)
+    assert len(sweeps) == 1, "find_circuit swept again although a sweep was passed"
+    assert _without_seconds(passed) == _without_seconds(inside)
+    # an all-component sweep (heads and MLPs, as a comparison runs): only the candidates are scored
+    wider = ablation_sweep(model, td, None, metrics=("answer_prob",), progress=False)
+    both = find_circuit(model, td, metric="answer_prob", top_k=top_k, progress=False, sweep=wider)
+    assert len(sweeps) == 1
+    assert set(both.scores) == set(heads) and both.components == inside.components
+    assert both.scores == pytest.approx(inside.scores, abs=1e-6)
+
+
+def test_find_circuit_rejects_a_sweep_that_does_not_fit(models):
+    model = models["llama"]
+    td = _task(model.hf.config.vocab_size, seed=8)
+    heads = model.components("head")
+    base = ablation_sweep(model, td, heads, metrics=("answer_prob",), progress=False)
+    cases = {
+        "no metric 'logit_diff'": (base, {}),
+        "lacks 2 candidate": (ablation_sweep(model, td, heads[:-2], metrics=("logit_diff",), progress=False), {}),
+        "method='zero'": (ablation_sweep(model, td, heads, method="zero", metrics=("logit_diff",), progress=False),
+                          {}),
+        "on 5 prompts": (ablation_sweep(model, td.subset(slice(0, 5)), heads, metrics=("logit_diff",),
+                                        progress=False), {}),
+        "method='ablation' only": (base, {"method": "attribution"}),
+    }
+    for what, (sweep, kw) in cases.items():
+        with pytest.raises(ConfigError, match="sweep") as err:
+            find_circuit(model, td, top_k=2, metric="logit_diff", progress=False, sweep=sweep, **kw)
+        msg = str(err.value)
+        assert what in msg and "\n" not in msg, msg
+        assert "sweep=None" in msg or "pass" in msg
 
 
 def test_discover_cli_smoke(tmp_path):

@@ -1,17 +1,8 @@
-"""Discovery stage: ablation (zero/mean/resample, fast sweeps), patching (activation, path,
-attribution) and circuits (search, faithfulness, JSON io)."""
+"""Discovery stage: ablation values (zero/mean/resample), joint ablation, the layer-replay engine,
+single-component sweeps, patching (activation, path, attribution) and circuits (search,
+faithfulness, JSON io)."""
 
-from .ablation import (
-    ABLATION_METHODS,
-    AblationValues,
-    LayerReplay,
-    SweepResult,
-    ablate,
-    ablated_logits,
-    ablation_sweep,
-    ablation_values,
-    mean_activations,
-)
+from .ablation import ablate, ablated_logits
 from .circuits import KINDS, SEARCH_METHODS, Circuit, faithfulness, find_circuit
 from .patching import (
     DIRECTIONS,
@@ -23,6 +14,11 @@ from .patching import (
     patched_metric,
     path_patching,
 )
+from .progress import progress_bar
+from .replay import FINAL_NORMS, LayerReplay, find_final_norm, replay_items, stacked_replacement
+from .scoring import metric_means
+from .sweep import SweepResult, ablation_sweep
+from .values import ABLATION_METHODS, AblationValues, ablatable_components, ablation_values, mean_activations
 
 __all__ = [
     "DIRECTIONS", "AttributionResult", "PatchingResult", "PathPatchingResult", "activation_patching",
@@ -30,4 +26,6 @@ __all__ = [
     "faithfulness", "find_circuit",
     "ABLATION_METHODS", "AblationValues", "LayerReplay", "SweepResult", "ablate", "ablated_logits",
     "ablation_sweep", "ablation_values", "mean_activations",
+    "FINAL_NORMS", "ablatable_components", "find_final_norm", "metric_means", "progress_bar", "replay_items",
+    "stacked_replacement",
 ]

@@ -21,11 +21,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CircuitDistillError
+from ..errors import CircuitDistillError, ConfigError
 from ..model.components import Component, parse_components
 from ..tasks.base import TaskData
-from .ablation import ablate, ablation_sweep, ablation_values
+from .ablation import ablate
 from .patching import attribution_patching, path_patching
+from .progress import progress_bar
+from .sweep import SweepResult, ablation_sweep
+from .values import ablation_values
 
 SEARCH_METHODS = ("ablation", "path", "attribution")
 KINDS = ("head", "mlp", "all")
@@ -162,10 +165,30 @@ def _path_scores(model, task_data: TaskData, cands: list[Component], threshold: 
     return scores, sorted(members)
 
 
+def _sweep_scores(sweep: SweepResult, cands: list[Component], metric: str, ablation: str, per_position: bool,
+                  n: int) -> dict[Component, float]:
+    """Each candidate's single-ablation effect on ``metric`` (forward order), from ``sweep``; a
+    ``ConfigError`` naming what to pass if the sweep was not run with the search's settings."""
+    fix = (f"pass an ablation_sweep of every candidate on the same {n} prompts with method={ablation!r}, "
+           f"per_position={per_position}, position='last' and {metric!r} among its metrics, or sweep=None")
+    settings = (sweep.method, sweep.per_position, sweep.position)
+    if settings != (ablation, per_position, "last") or sweep.n_examples not in (0, n):
+        raise ConfigError(f"the sweep was run with method={sweep.method!r}, per_position={sweep.per_position}, "
+                          f"position={sweep.position!r} on {sweep.n_examples} prompts: {fix}")
+    if metric not in sweep.clean:
+        raise ConfigError(f"the sweep has no metric {metric!r} (it has {', '.join(sweep.clean)}): {fix}")
+    missing = [c for c in cands if c not in sweep.ablated]
+    if missing:
+        raise ConfigError(f"the sweep lacks {len(missing)} candidate(s) ({', '.join(map(str, missing[:4]))}"
+                          f"{', ...' if len(missing) > 4 else ''}): {fix}")
+    effect = sweep.effect(metric)
+    return {c: effect[c] for c in sorted(cands)}
+
+
 def find_circuit(model, task_data: TaskData, *, method: str = "ablation", kind: str = "head",
                  threshold: float = 0.2, top_k: int | None = None, metric: str = "logit_diff",
                  ablation: str = "mean", per_position: bool = True, batch_size: int = 64,
-                 progress: bool | None = None) -> Circuit:
+                 progress: bool | None = None, sweep: SweepResult | None = None) -> Circuit:
     """Find the circuit of ``task_data`` in ``model``.
 
     Scores: ``ablation`` = full metric minus metric with the candidate ``ablation``-ablated alone;
@@ -174,6 +197,10 @@ def find_circuit(model, task_data: TaskData, *, method: str = "ablation", kind: 
     gap; members are those scoring >= ``threshold``). Selection: the ``top_k`` highest scores if
     given, else (``ablation``/``attribution``) iterative pruning with cost threshold ``threshold``
     times the full metric (see the module docstring).
+
+    ``sweep``: for ``method="ablation"``, a ``SweepResult`` already run on the same model and prompts
+    (e.g. the all-head mean-ablation sweep of a comparison) covering every candidate, with ``metric``
+    among its metrics and this ``ablation`` / ``per_position``; it is used instead of sweeping again.
     """
     if method not in SEARCH_METHODS:
         raise CircuitDistillError(f"unknown search method {method!r}; use one of {', '.join(SEARCH_METHODS)}")
@@ -181,22 +208,25 @@ def find_circuit(model, task_data: TaskData, *, method: str = "ablation", kind: 
         raise CircuitDistillError(f"top_k must be >= 1, got {top_k}")
     if not 0 <= threshold < 1:
         raise CircuitDistillError(f"threshold is a fraction of the full metric in [0, 1), got {threshold}")
+    if sweep is not None and method != "ablation":
+        raise ConfigError(f"sweep= is used by method='ablation' only (got method={method!r}); pass sweep=None")
     t0 = time.perf_counter()
     cands = _candidates(model, kind)
     full = ablate(model, task_data, [], metrics=(metric,), batch_size=batch_size)[metric]
     _check_full(full, metric)
+    values = ablation_values(model, task_data, cands, method=ablation, per_position=per_position,
+                             batch_size=batch_size)
     members: list[Component] | None = None
     if method == "ablation":
-        sweep = ablation_sweep(model, task_data, cands, method=ablation, per_position=per_position,
-                               metrics=(metric,), batch_size=batch_size, progress=progress)
-        scores = sweep.effect(metric)
+        if sweep is None:
+            sweep = ablation_sweep(model, task_data, cands, method=ablation, per_position=per_position,
+                                   metrics=(metric,), batch_size=batch_size, progress=progress, values=values)
+        scores = _sweep_scores(sweep, cands, metric, ablation, per_position, len(task_data))
     elif method == "attribution":
         attr = attribution_patching(model, task_data, cands, metric=metric, batch_size=batch_size)
         scores = {c: -v for c, v in attr.scores.items()}
     else:
         scores, members = _path_scores(model, task_data, cands, threshold, metric, batch_size, progress)
-    values = ablation_values(model, task_data, cands, method=ablation, per_position=per_position,
-                             batch_size=batch_size)
 
     def circuit_metric(circ: list[Component]) -> float:
         keep = set(circ)
@@ -219,8 +249,6 @@ def find_circuit(model, task_data: TaskData, *, method: str = "ablation", kind: 
 def _prune(cands, ranked, full, threshold, circuit_metric, progress) -> tuple[list[Component], list[Component]]:
     """Greedy passes from the least important candidate up: drop a component if that costs less than
     ``threshold * |full|`` given what is already dropped; stop when a pass drops nothing."""
-    from tqdm.auto import tqdm
-
     circuit = list(cands)
     current = full
     removed: list[Component] = []
@@ -229,12 +257,13 @@ def _prune(cands, ranked, full, threshold, circuit_metric, progress) -> tuple[li
     while changed and circuit:
         changed = False
         order = [c for c in reversed(ranked) if c in circuit]
-        for c in tqdm(order, desc="pruning", disable=not (progress if progress is not None else len(order) >= 32),
-                      leave=False):
-            trial = [x for x in circuit if x != c]
-            m = circuit_metric(trial)
-            if current - m < budget:
-                circuit, current = trial, m
-                removed.append(c)
-                changed = True
+        with progress_bar(progress, len(order), "pruning") as bar:
+            for c in order:
+                trial = [x for x in circuit if x != c]
+                m = circuit_metric(trial)
+                if current - m < budget:
+                    circuit, current = trial, m
+                    removed.append(c)
+                    changed = True
+                bar.update(1)
     return sorted(circuit), removed

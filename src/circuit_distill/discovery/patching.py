@@ -32,25 +32,26 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CircuitDistillError
+from ..model.activations import forward_logits, read_activations
 from ..model.components import Component
 from ..model.hooks import capture, intervene
 from ..tasks.base import Batch, TaskData
-from ..tasks.metrics import final_logits, per_example
-from .ablation import LayerReplay, _check_components, _forward, _metric_positions, _progress_bar, replay_items
+from ..tasks.metrics import final_logits
+from .progress import progress_bar
+from .replay import LayerReplay, replay_items
+from .scoring import metric_means
+from .values import ablatable_components
 
 DIRECTIONS = ("clean_to_corrupted", "corrupted_to_clean")
 
 
 def _metric_value(logits: torch.Tensor, task_data: TaskData, metric: str) -> float:
-    vals = per_example(logits, task_data.answer_ids, task_data.wrong_ids)
-    if metric not in vals:
-        raise CircuitDistillError(f"unknown metric {metric!r}; use one of {', '.join(vals)}")
-    return float(vals[metric].nanmean())
+    return metric_means(logits, task_data, (metric,))[metric]
 
 
 def _corrupted_positions(task_data: TaskData, position: str) -> torch.Tensor:
     cp = task_data.corrupted_positions or {}
-    return cp[position] if position in cp else _metric_positions(task_data, position)
+    return cp[position] if position in cp else task_data.position(position)
 
 
 def _check_corrupted(task_data: TaskData) -> None:
@@ -91,11 +92,15 @@ class PatchingResult:
         return {c: (self.clean - v) / gap for c, v in self.patched.items()}
 
 
-@torch.no_grad()
+def _logits(model, batch: Batch) -> torch.Tensor:
+    """Logits ``[n, seq, vocab]`` of one forward over ``batch`` (moved to the model's device)."""
+    b = batch.to(model.device)
+    return forward_logits(model, b.input_ids, b.attention_mask)
+
+
 def _acts(model, batch: Batch, comps: list[Component]) -> dict[Component, torch.Tensor]:
-    with capture(model, comps, detach=True) as cap:
-        _forward(model, batch.to(model.device))
-        return {c: cap[c] for c in comps}
+    """Activations ``comp -> [n, seq, d]`` of one forward over ``batch`` (model device and dtype)."""
+    return read_activations(model, batch.input_ids, batch.attention_mask, comps, batch_size=None, to_cpu=False)
 
 
 def activation_patching(model, task_data: TaskData, components: Iterable[Component | str] | None = None, *,
@@ -109,8 +114,8 @@ def activation_patching(model, task_data: TaskData, components: Iterable[Compone
         raise CircuitDistillError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     _check_corrupted(task_data)
     t0 = time.perf_counter()
-    comps = _check_components(model, components)
-    clean_pos = _metric_positions(task_data, position)
+    comps = ablatable_components(model, components)
+    clean_pos = task_data.position(position)
     corr_pos = _corrupted_positions(task_data, position)
     if direction == "clean_to_corrupted":
         base, source, base_pos, src_pos = task_data.corrupted, task_data.clean, corr_pos, clean_pos
@@ -120,7 +125,7 @@ def activation_patching(model, task_data: TaskData, components: Iterable[Compone
     base_acts = _acts(model, base, comps) if per_position else {}
     replay = LayerReplay(model, base, base_pos)
     with torch.no_grad():
-        other = final_logits(_forward(model, source.to(model.device)), src_pos).float()
+        other = final_logits(_logits(model, source), src_pos).float()
     base_val = _metric_value(replay.logits, task_data, metric)
     src_val = _metric_value(other, task_data, metric)
     clean_val, corr_val = (src_val, base_val) if direction == "clean_to_corrupted" else (base_val, src_val)
@@ -139,7 +144,7 @@ def activation_patching(model, task_data: TaskData, components: Iterable[Compone
         else:
             items.append((c, lambda c=c: src_acts[c]))
             keys.append((c, None))
-    bar = _progress_bar(progress, len(items), f"activation patching ({direction})")
+    bar = progress_bar(progress, len(items), f"activation patching ({direction})")
     try:
         outs, cost = replay_items(model, replay, items, batch_size=batch_size, bar=bar)
     finally:
@@ -164,9 +169,9 @@ def patched_metric(model, task_data: TaskData, replacements: dict[Component, tor
     """``metric`` on the ``run`` (``clean``/``corrupted``) prompts with several components patched
     together to the given activations (``comp -> [n, seq, d]``)."""
     batch = task_data.clean if run == "clean" else task_data.corrupted
-    pos = _metric_positions(task_data, position) if run == "clean" else _corrupted_positions(task_data, position)
+    pos = task_data.position(position) if run == "clean" else _corrupted_positions(task_data, position)
     with intervene(model, replacements):
-        logits = _forward(model, batch.to(model.device))
+        logits = _logits(model, batch)
     return _metric_value(final_logits(logits, pos).float(), task_data, metric)
 
 
@@ -207,25 +212,25 @@ def path_patching(model, task_data: TaskData, senders: Iterable[Component | str]
     """
     _check_corrupted(task_data)
     t0 = time.perf_counter()
-    everything = _check_components(model, None)
-    send = _check_components(model, senders)
-    recv = None if receivers is None else _check_components(model, receivers)
-    pos = _metric_positions(task_data, position)
+    everything = ablatable_components(model, None)
+    send = ablatable_components(model, senders)
+    recv = None if receivers is None else ablatable_components(model, receivers)
+    pos = task_data.position(position)
     n = len(task_data)
     patched: dict[Component, float] = {}
     clean_logits, corr_logits = [], []
     per_rows: dict[Component, list[torch.Tensor]] = {c: [] for c in send}
     forwards = 0.0
-    bar = _progress_bar(progress, len(send) * ((n + batch_size - 1) // batch_size), "path patching")
+    bar = progress_bar(progress, len(send) * ((n + batch_size - 1) // batch_size), "path patching")
     try:
         for s in range(0, n, batch_size):
             rows = torch.arange(s, min(s + batch_size, n))
             cb, kb = task_data.clean.subset(rows), task_data.corrupted.subset(rows)
             clean_acts, corr_acts = _acts(model, cb, everything), _acts(model, kb, everything)
             with torch.no_grad():
-                clean_logits.append(final_logits(_forward(model, cb.to(model.device)), pos[rows]).float().cpu())
+                clean_logits.append(final_logits(_logits(model, cb), pos[rows]).float().cpu())
                 kpos = _corrupted_positions(task_data, position)[rows]
-                corr_logits.append(final_logits(_forward(model, kb.to(model.device)), kpos).float().cpu())
+                corr_logits.append(final_logits(_logits(model, kb), kpos).float().cpu())
             forwards += 4 * len(rows) / n  # two captures (also give logits) + the two metric runs
             for snd in send:
                 has_path = recv is None or any(_reaches(snd, r) for r in recv if r != snd)
@@ -238,15 +243,15 @@ def path_patching(model, task_data: TaskData, senders: Iterable[Component | str]
                 with torch.no_grad():
                     if recv is None:
                         with intervene(model, freeze):
-                            logits = _forward(model, cb.to(model.device))
+                            logits = _logits(model, cb)
                         forwards += len(rows) / n
                     else:
                         # capture first: its hooks see what receivers compute before the freeze replaces it
                         with capture(model, recv, detach=True) as cap, intervene(model, freeze):
-                            _forward(model, cb.to(model.device))
+                            _logits(model, cb)
                             rec = {r: cap[r].clone() for r in recv}
                         with intervene(model, rec):
-                            logits = _forward(model, cb.to(model.device))
+                            logits = _logits(model, cb)
                         forwards += 2 * len(rows) / n
                 per_rows[snd].append(final_logits(logits, pos[rows]).float().cpu())
                 bar.update(1)
@@ -309,9 +314,9 @@ def attribution_patching(model, task_data: TaskData, components: Iterable[Compon
     """
     _check_corrupted(task_data)
     t0 = time.perf_counter()
-    comps = _check_components(model, components)
+    comps = ablatable_components(model, components)
     arch, hf = model.arch, model.hf
-    pos = _metric_positions(task_data, position)
+    pos = task_data.position(position)
     n = len(task_data)
     n_valid = n
     if metric == "logit_diff":
@@ -345,7 +350,7 @@ def attribution_patching(model, task_data: TaskData, components: Iterable[Compon
                 handles.append(arch.mlp(hf, layer).register_forward_hook(post))
             try:
                 with torch.enable_grad():
-                    logits = _forward(model, cb)
+                    logits = _logits(model, cb)
                     clean_logits.append(final_logits(logits, pos[rows]).detach().float().cpu())
                     m = _differentiable_metric(final_logits(logits, pos[rows]), task_data, rows, metric)
                     keys = list(acts)
@@ -353,7 +358,7 @@ def attribution_patching(model, task_data: TaskData, components: Iterable[Compon
                 clean_acts = {k: v.detach() for k, v in acts.items()}
                 acts.clear()
                 with torch.no_grad():
-                    klog = _forward(model, kb)
+                    klog = _logits(model, kb)
                     kpos = _corrupted_positions(task_data, position)[rows]
                     corr_logits.append(final_logits(klog, kpos).float().cpu())
                 corr = dict(acts)
