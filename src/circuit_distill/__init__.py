@@ -1,7 +1,5 @@
 """circuit-distill: distil mechanisms, not just outputs."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .model import (
     Component,
     Model,
@@ -13,11 +11,7 @@ from .model import (
     word_level_tokenizer,
 )
 from .tasks import Example, TaskData, evaluate, make_task, register_task
-
-try:
-    __version__ = version("circuit-distill")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+from .version import __version__
 
 __all__ = [
     "Component", "Example", "Model", "TaskData", "__version__", "capture", "intervene", "load_model", "parse_components",

@@ -7,8 +7,9 @@ import importlib
 import pkgutil
 import sys
 
-from . import __version__, commands
+from . import commands
 from .errors import CircuitDistillError
+from .version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..discovery import SweepResult, ablation_sweep
-from ..errors import ConfigError, FastSweepUnsupported
+from ..discovery import SweepResult, sweep_components
+from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..matching import DIRECTIONS, Pair, match_components
 from ..model.components import Component
@@ -151,18 +151,6 @@ def _no_nan(x):
     return x
 
 
-def _sweep(model, task_data: TaskData, comps: list[Component], ablation: str, position: str,
-           batch_size: int, progress) -> SweepResult:
-    """The sweep ``compare`` runs itself: every compared component of ``model``, fast where it can."""
-    kw = dict(method=ablation, position=position, batch_size=batch_size, progress=progress)
-    if model.is_encoder:  # the fast layer replay needs a plain final norm + unembedding
-        return ablation_sweep(model, task_data, comps, fast=False, **kw)
-    try:
-        return ablation_sweep(model, task_data, comps, fast=True, **kw)
-    except FastSweepUnsupported:
-        return ablation_sweep(model, task_data, comps, fast=False, **kw)
-
-
 def _check_options(task_data: TaskData, similarity: str, direction: str, kinds: Sequence[str], metric: str,
                    position: str) -> tuple[str, ...]:
     """Raise ``ConfigError`` on an option ``compare`` cannot use; the kinds as a tuple."""
@@ -239,10 +227,9 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
                              mlp_space=mlp_space, batch_size=batch_size)
     t_comps = [c for kd in kinds for c in teacher.components(kd)]
     s_comps = [c for kd in kinds for c in student.components(kd)]
-    t_sweep = teacher_sweep if teacher_sweep is not None else _sweep(teacher, task_data, t_comps, ablation,
-                                                                       position, batch_size, progress)
-    s_sweep = student_sweep if student_sweep is not None else _sweep(student, task_data, s_comps, ablation,
-                                                                       position, batch_size, progress)
+    kw = dict(method=ablation, position=position, batch_size=batch_size, progress=progress)
+    t_sweep = teacher_sweep if teacher_sweep is not None else sweep_components(teacher, task_data, t_comps, **kw)
+    s_sweep = student_sweep if student_sweep is not None else sweep_components(student, task_data, s_comps, **kw)
     for name, sw, comps in (("teacher", t_sweep, t_comps), ("student", s_sweep, s_comps)):
         _check_sweep(name, sw, comps, task_data, metric=metric, ablation=ablation, position=position)
     for name, sw in (("teacher", t_sweep), ("student", s_sweep)):

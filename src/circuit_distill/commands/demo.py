@@ -11,6 +11,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="distillation steps per run (default: DemoConfig.steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DemoConfig field, e.g. --set lr=0.001 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that holds runs of other settings (default: continue the runs there)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -24,5 +26,5 @@ def run(args) -> int:
         raise ConfigError("--seeds must be >= 1")
     flags = {"seeds": list(range(args.seeds)), **({"steps": args.steps} if args.steps is not None else {})}
     cfg = load_config(DemoConfig, overrides=args.overrides, base=flags)
-    run_demo(cfg, args.out, progress=not args.quiet)
+    run_demo(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
     return 0

@@ -17,7 +17,7 @@ from .patching import (
 from .progress import progress_bar
 from .replay import FINAL_NORMS, LayerReplay, find_final_norm, replay_items, stacked_replacement
 from .scoring import metric_means
-from .sweep import SweepResult, ablation_sweep
+from .sweep import SweepResult, ablation_sweep, sweep_components
 from .values import ABLATION_METHODS, AblationValues, ablatable_components, ablation_values, mean_activations
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "attribution_patching", "patched_metric", "path_patching", "KINDS", "SEARCH_METHODS", "Circuit",
     "faithfulness", "find_circuit",
     "ABLATION_METHODS", "AblationValues", "LayerReplay", "SweepResult", "ablate", "ablated_logits",
-    "ablation_sweep", "ablation_values", "mean_activations",
+    "ablation_sweep", "ablation_values", "mean_activations", "sweep_components",
     "FINAL_NORMS", "ablatable_components", "find_final_norm", "metric_means", "progress_bar", "replay_items",
     "stacked_replacement",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CircuitDistillError, TaskError
+from ..errors import CircuitDistillError, FastSweepUnsupported, TaskError
 from ..model.activations import forward_logits
 from ..model.components import Component
 from ..model.hooks import intervene
@@ -124,6 +124,20 @@ def ablation_sweep(model, task_data: TaskData, components: Iterable[Component | 
     return SweepResult(clean, ablated, method, time.perf_counter() - t0, forwards, per_position, position,
                        n, fast)
 
+
+
+def sweep_components(model, task_data: TaskData, components: Sequence[Component], *, method: str = "mean",
+                     position: str = "last", batch_size: int = 64, progress: bool | None = None) -> SweepResult:
+    """``ablation_sweep`` of ``components`` with every metric, fast where the model allows it (the layer
+    replay needs a plain final norm and unembedding: encoders, and models it cannot reproduce, run the
+    plain path). This is the sweep ``compare`` and ``discover_and_match`` run, so one serves both."""
+    kw = dict(method=method, position=position, batch_size=batch_size, progress=progress)
+    if model.is_encoder:
+        return ablation_sweep(model, task_data, components, fast=False, **kw)
+    try:
+        return ablation_sweep(model, task_data, components, fast=True, **kw)
+    except FastSweepUnsupported:
+        return ablation_sweep(model, task_data, components, fast=False, **kw)
 
 def _replayed_chunk(model, b: Batch, pos: torch.Tensor, repl: dict[Component, torch.Tensor], batch_size: int, bar
                     ) -> tuple[torch.Tensor, dict[Component, torch.Tensor], list[float]]:

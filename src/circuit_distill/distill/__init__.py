@@ -2,6 +2,7 @@
 
 from .cache import TeacherCache, build_cache
 from .config import DistillConfig
+from .features import pair_cka
 from .trainer import DistillResult, NonFiniteLossError, distill
 
-__all__ = ["DistillConfig", "DistillResult", "NonFiniteLossError", "TeacherCache", "build_cache", "distill"]
+__all__ = ["DistillConfig", "DistillResult", "NonFiniteLossError", "TeacherCache", "build_cache", "distill", "pair_cka"]

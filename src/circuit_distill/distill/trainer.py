@@ -249,7 +249,7 @@ def versions() -> dict:
     """Versions of Python, torch, transformers, accelerate and circuit-distill (for the manifest)."""
     import transformers
 
-    from .. import __version__ as cd_version
+    from ..version import __version__ as cd_version
 
     try:
         import accelerate

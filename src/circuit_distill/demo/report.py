@@ -1,0 +1,54 @@
+"""The demo's HTML report: its table, accuracy curves, bars and head-influence heatmaps."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import tempfile
+from pathlib import Path
+
+from ..analysis.report import influence_heatmaps
+from ..files import atomic_write_text
+from .tables import format_table, plot_bars, plot_curves
+
+
+def img(plot, *args, **kw) -> str:
+    """An inline ``<img>`` of what ``plot(*args, path, **kw)`` draws into a PNG file."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "f.png"
+        plot(*args, p, **kw)
+        return f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+
+
+def write_demo_report(results: dict, out: Path, *, cmp_before=None, cmp_after=None) -> Path:
+    """A self-contained HTML page: the table, accuracy curves, bars, and head-influence heatmaps."""
+
+    rows = results["rows"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>circuit-distill demo</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}h2{margin-top:1.6em}</style>",
+        "</head><body><h1>circuit-distill demo: entity tracking</h1>",
+        f"<p>Teacher <code>{html.escape(results['teacher']['model'])}</code>: accuracy "
+        f"{results['teacher']['acc']:.3f} (training-range boxes), {results['teacher']['acc_hard']:.3f} (harder split). "
+        f"Student before distillation: {results['student_before']['acc']:.3f} / "
+        f"{results['student_before']['acc_hard']:.3f}, alignment A = {results['student_before']['alignment']:.3f}. "
+        f"Seeds: {results['seeds']}. Runtime {results['runtime_s']:.0f}s.</p>",
+        "<h2>Results (mean ± std over seeds)</h2><pre>" + html.escape(format_table(rows)) + "</pre>",
+        "<h2>Accuracy over distillation steps</h2>",
+        img(plot_curves, rows, key="acc", title="held-out accuracy (evaluation box count)"),
+        img(plot_curves, rows, key="acc_hard", title="held-out accuracy (harder split)"),
+        "<h2>Final accuracy</h2>",
+        img(plot_bars, rows, reference={"teacher": results["teacher"]["acc_hard"]}),
+    ]
+    if cmp_before is not None:
+        parts += ["<h2>Head influence: teacher and student before distillation</h2>",
+                  f'<img src="{influence_heatmaps(cmp_before)}">']
+    if cmp_after is not None:
+        parts += ["<h2>Head influence: teacher and student after ce+align_cka (first seed)</h2>",
+                  f'<img src="{influence_heatmaps(cmp_after)}">']
+    parts.append("<h2>Circuits and component maps</h2><pre>" + html.escape(json.dumps(
+        {"circuits": results["circuits"], "maps": {k: v.get("pairs") for k, v in results["maps"].items()}},
+        indent=1, default=str)) + "</pre></body></html>")
+    return atomic_write_text(out / "report.html", "\n".join(parts))
