@@ -33,7 +33,7 @@ from ..model.arch import build_arch
 from ..model.loading import Model, quiet_transformers, tiny_config
 from ..model.tokenizer import word_level_tokenizer
 from ..tasks import evaluate, make_task, task_vocabulary
-from ..tasks.entity_tracking import LABELS, OBJECTS, parse_boxes
+from ..tasks.entity_tracking import LABELS, OBJECTS
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -71,10 +71,30 @@ class TinyTrainConfig(Config):
     threads: int = option(2, "torch CPU threads")
 
     def validate(self) -> None:
-        parse_boxes((self.min_boxes, self.max_boxes))
-        if self.max_boxes > min(len(OBJECTS), len(LABELS)):
+        for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "max_steps", "report_n"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.d_mlp is not None and self.d_mlp < 1:
+            raise ConfigError(f"d_mlp must be >= 1 (or None: 4 * d_model), got {self.d_mlp}")
+        if not 0 < self.lr <= 1:  # (NaN fails every comparison)
+            raise ConfigError(f"lr must be in (0, 1] (AdamW moves each weight by about lr per step; "
+                              f"typical: 1e-4 to 1e-2), got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0 (0 = off), got {self.warmup}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        pool = min(len(OBJECTS), len(LABELS))
+        if not 2 <= self.min_boxes <= self.max_boxes:
+            raise ConfigError(f"training boxes must satisfy 2 <= min_boxes <= max_boxes, got "
+                              f"{self.min_boxes}..{self.max_boxes}")
+        if self.max_boxes > pool:
             raise ConfigError(f"max_boxes={self.max_boxes} exceeds the task's pools "
                               f"({len(OBJECTS)} objects, {len(LABELS)} labels)")
+        if not self.target_boxes or not all(2 <= b <= pool for b in self.target_boxes + self.report_boxes):
+            raise ConfigError(f"target_boxes (at least one) and report_boxes must be box counts in 2..{pool}, got "
+                              f"{self.target_boxes} and {self.report_boxes}")
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
         if not 0.0 <= self.easy_fraction <= 1.0:
