@@ -166,7 +166,7 @@ def test_train_step_and_resume_restore_the_exact_state(dirs, teacher, td, tmp_pa
     assert b.scheduler.state_dict() == a.scheduler.state_dict()
     sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-    assert torch.equal(torch.get_rng_state(), torch.load(tmp_path / "ckpt.pt", weights_only=False)["rng"])
+    assert torch.equal(torch.get_rng_state(), torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng"])
     with pytest.raises(ConfigError, match="different config"):
         restore_state(start(student_of(dirs)), DistillConfig(**{**cfg.to_dict(), "lr": 1.0}))
     with pytest.raises(ConfigError, match="no checkpoint"):

@@ -123,7 +123,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(models, data, tmp_path):
             distill(student, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path, progress=False)
     finally:
         tr.objective_loss = orig
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["params"].values())
 

@@ -134,12 +134,10 @@ def _coerce_scalar(value, tp) -> tuple[bool, Any]:
             except ValueError:
                 pass
     elif tp is float:
-        if number:
-            return True, float(value)
-        if isinstance(value, str):
+        if number or isinstance(value, str):
             try:
                 return True, float(value)
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: an int beyond the float range
                 pass
     elif tp is str:
         if isinstance(value, str):

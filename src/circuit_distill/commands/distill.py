@@ -1,4 +1,5 @@
-"""``circuit-distill distill --config FILE.yaml [key=value ...] [--resume]``: train a student on a teacher's circuit."""
+"""``circuit-distill distill --config FILE.yaml [key=value ...] [--resume | --overwrite]``: train a student on a
+teacher's circuit."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="YAML config (keys of circuit_distill.distill.config.DistillConfig)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 task_options.seq_len=16")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start again in an out_dir that holds a run "
+                   "(its checkpoint is deleted, its files rewritten)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -40,6 +43,7 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..distill.config import DistillConfig
+    from ..distill.state import CHECKPOINT, RUN_FILES, check_run_dir, load_run_checkpoint
     from ..distill.trainer import distill
     from ..errors import ConfigError
     from ..matching import ComponentMap
@@ -50,6 +54,12 @@ def run(args) -> int:
     for k in ("teacher", "student", "task", "out_dir"):
         if not getattr(cfg, k):
             raise ConfigError(f"config key {k!r} is required for the distill command (set it in the YAML or as {k}=...)")
+    cfg.check_train_size(cfg.n_train)
+    out = Path(cfg.out_dir)
+    # before any model work: refuse to destroy a run; a checkpoint to resume is read (safely) and checked
+    check_run_dir([out / f for f in RUN_FILES], out / CHECKPOINT, resume=args.resume, overwrite=args.overwrite)
+    if args.resume:
+        load_run_checkpoint(out / CHECKPOINT, cfg)
     state = PartialState(cpu=not torch.cuda.is_available())  # before any other accelerate state
     # both models on this process's device (a GPU per process under accelerate launch); CKA and the
     # losses run in fp32 whatever the weights' dtype
@@ -57,7 +67,6 @@ def run(args) -> int:
     student = load_model(cfg.student, dtype=cfg.dtype, device=state.device, check=False)
     train = make_task(cfg.task, student.tokenizer, cfg.n_train, seed=cfg.seed, **cfg.task_options)
     held = make_task(cfg.task, student.tokenizer, cfg.n_eval, seed=cfg.seed + 10_000, **cfg.task_options)
-    out = Path(cfg.out_dir)
     if cfg.component_map:
         cmap = ComponentMap.from_json(cfg.component_map)
     elif args.resume and (out / "component_map.json").exists():
@@ -67,7 +76,7 @@ def run(args) -> int:
         if state.is_main_process:
             cmap.to_json(out / "component_map.json")
     res = distill(student, train, teacher=teacher, eval_sets={"held_out": held}, component_map=cmap, config=cfg,
-                  out_dir=out, progress=not args.quiet, resume=args.resume)
+                  out_dir=out, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     if state.is_main_process:
         print(json.dumps({"objective": cfg.objective, "steps": res.steps, "trained_params": res.trained_params,
                           "trained_fraction": round(res.trained_fraction, 4), "final_eval": res.final_eval,

@@ -36,7 +36,9 @@ def register(sub) -> None:
     p.add_argument("--report-n", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint.pt goes (default: OUT)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint (an error if there is none)")
+    p.add_argument("--overwrite", action="store_true", help="start again in an OUT (or --checkpoint-dir) that "
+                   "holds a run: its checkpoint is deleted, its model rewritten")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
@@ -78,7 +80,7 @@ def run(args) -> int:
 
     argv = sys.argv[1:]
     command = ("circuit-distill " + " ".join(shlex.quote(a) for a in argv)) if argv[:1] == ["train-tiny"] else None
-    record = train_tiny(cfg, args.out, resume=args.resume, checkpoint_dir=args.checkpoint_dir,
+    record = train_tiny(cfg, args.out, resume=args.resume, overwrite=args.overwrite, checkpoint_dir=args.checkpoint_dir,
                         progress=not args.no_progress, log=lambda m: print(m, flush=True), command=command)
     print(json.dumps({"steps": record["steps"], "seconds": record["seconds"],
                       "reached_target": record["reached_target"], "final_accuracy": record["final_accuracy"]}))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import Config, option
 from ..errors import ConfigError
 from .objectives import get_objective
+from .trainable import SUBSETS
 
 POSITIONS_HELP = "'all' (every non-padding token), 'last', or the name of a task position"
+MATCHINGS = ("ablation", "hungarian", "random")  # the matchers the distill command can run
 
 
 @dataclass
@@ -31,14 +34,14 @@ class DistillConfig(Config):
     positions: str = option("all", f"rows the alignment compares: {POSITIONS_HELP}")
     debiased: bool = option(False, "debiased CKA estimator instead of the biased one")
     labels: str = option("teacher", "CE labels: 'teacher' (teacher argmax) | 'gold'")
-    matching: str = option("ablation", "matcher of the distill command: ablation | hungarian | random")
+    matching: str = option("ablation", f"matcher of the distill command: {' | '.join(MATCHINGS)}")
     component_map: str | None = option(None, "JSON component map to use instead of discovery + matching")
     circuit_size: int = option(8, "heads per circuit the distill command discovers (top-k by ablation)")
-    trainable: str = option("matched_heads", "trained subset: matched_heads | attention | all | lora")
+    trainable: str = option("matched_heads", f"trained subset: {' | '.join(SUBSETS)}")
     train_kv: bool = option(False, "matched_heads also trains the mapped heads' key/value groups")
     steps: int = option(300, "optimizer steps")
     batch_size: int = option(32, "examples per micro-batch (over all processes)")
-    lr: float = option(1e-3, "AdamW learning rate")
+    lr: float = option(1e-3, "AdamW learning rate, in (0, 1]")
     warmup: int = option(0, "linear warmup steps (0 = off)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -57,14 +60,33 @@ class DistillConfig(Config):
             raise ConfigError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        for k in ("steps", "batch_size", "grad_accum", "n_train", "n_eval"):
+        if self.trainable not in SUBSETS:
+            raise ConfigError(f"trainable must be one of {', '.join(SUBSETS)}, got {self.trainable!r}")
+        if self.matching not in MATCHINGS:
+            raise ConfigError(f"matching must be one of {', '.join(MATCHINGS)}, got {self.matching!r}")
+        for k in ("steps", "batch_size", "grad_accum", "n_train", "n_eval", "eval_batch_size", "circuit_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("warmup", "eval_every", "checkpoint_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0 (0 = off), got {getattr(self, k)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not 0 < self.lr <= 1:  # (NaN fails every comparison)
+            raise ConfigError(f"lr must be in (0, 1] (AdamW moves each trained weight by about lr per step; "
+                              f"typical: 1e-4 to 1e-2), got {self.lr}")
+        for k in ("temperature", "lam", "weight_decay"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and (v > 0 if k == "temperature" else v >= 0)):
+                raise ConfigError(f"{k} must be a finite number {'> 0' if k == 'temperature' else '>= 0'}, got {v}")
         if not self.positions:
             raise ConfigError(f"positions must be {POSITIONS_HELP}")
         self.objective = get_objective(self.objective).name
+
+    def check_train_size(self, n: int) -> None:
+        """``ConfigError`` if a batch (``batch_size``) is larger than the ``n`` training examples: it would
+        repeat examples within the batch."""
+        if self.batch_size > n:
+            raise ConfigError(f"batch_size={self.batch_size} is larger than the {n} training examples (each batch "
+                              f"would repeat examples ~{self.batch_size / max(n, 1):.0f} times); lower batch_size "
+                              "to at most n_train, or raise n_train")

@@ -25,7 +25,6 @@ from typing import IO
 
 import torch
 
-from ..errors import CircuitDistillError
 from ..files import atomic_write_json
 from ..matching import ComponentMap
 from ..model.hooks import capture
@@ -38,12 +37,26 @@ from .config import DistillConfig
 from .features import Pair, alignment_features, pair_cka
 from .objectives import Objective, get_objective, objective_loss
 from .pairs import choose_pairs
-from .state import CHECKPOINT, TrainState, batch_indices, restore_state, save_checkpoint, start_training
+from .state import (
+    CHECKPOINT,
+    RUN_FILES,
+    DivergenceError,
+    TrainState,
+    batch_indices,
+    check_finite_weights,
+    check_run_dir,
+    divergence_advice,
+    load_run_checkpoint,
+    precision_hint,
+    restore_state,
+    save_checkpoint,
+    start_training,
+)
 from .teacher import TeacherSource, open_teacher_source
 
 
-class NonFiniteLossError(CircuitDistillError):
-    """The training loss became NaN/inf; the last good checkpoint is kept."""
+class NonFiniteLossError(DivergenceError):
+    """The training loss became NaN/inf; the last good checkpoint (if any) is kept."""
 
 
 @dataclass
@@ -65,7 +78,7 @@ class DistillResult:
 
 def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, TaskData] | None = None,
             component_map: ComponentMap | None = None, config: DistillConfig, out_dir=None,
-            progress: bool | None = None, resume: bool = False,
+            progress: bool | None = None, resume: bool = False, overwrite: bool = False,
             cache: TeacherCache | None = None) -> DistillResult:
     """Train ``student`` (a ``Model``) on ``train`` with ``config.objective`` and return a ``DistillResult``.
 
@@ -78,7 +91,9 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
     - ``out_dir`` (default ``config.out_dir``; None = no files): ``metrics.jsonl``, ``manifest.json``,
       ``checkpoint.pt`` (every ``config.checkpoint_every`` steps, atomic), ``student/``.
     - ``resume``: continue from ``out_dir/checkpoint.pt`` to the same final weights as an
-      uninterrupted run. A NaN/inf loss raises ``NonFiniteLossError``; the last checkpoint stays.
+      uninterrupted run; ``overwrite``: start again in an ``out_dir`` that holds a run (refused without
+      one of them). A NaN/inf loss raises ``NonFiniteLossError``, NaN/inf trained weights after a step a
+      ``DivergenceError``; the last checkpoint (only ever written with finite weights) stays.
     """
     from accelerate import Accelerator
 
@@ -86,6 +101,11 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
     obj = get_objective(cfg.objective)
     out = Path(out_dir if out_dir is not None else cfg.out_dir) if (out_dir or cfg.out_dir) else None
     eval_sets = dict(eval_sets or {})
+    cfg.check_train_size(len(train))
+    saved = None
+    if out is not None:  # before any model work: refuse to destroy a run, read the checkpoint safely
+        check_run_dir([out / f for f in RUN_FILES], out / CHECKPOINT, resume=resume, overwrite=overwrite)
+        saved = load_run_checkpoint(out / CHECKPOINT, cfg) if resume else None
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       cpu=not torch.cuda.is_available())
     cmap = choose_pairs(obj, component_map, cfg, teacher=teacher, cache=cache)
@@ -95,7 +115,7 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                                  out=out, accelerator=acc)
     state = start_training(student, cfg, [s for s, _ in pairs], acc, out / CHECKPOINT if out is not None else None)
     if resume:
-        restore_state(state, cfg)
+        restore_state(state, cfg, saved)
     manifest = run_manifest(student, obj, cmap, source, state, cfg)
     if out is not None and acc.is_main_process:
         state.metrics = start_run_files(out, manifest, state.history)
@@ -141,6 +161,7 @@ def train_step(state: TrainState, student, train: TaskData, source: TeacherSourc
         vals = acc.reduce(torch.tensor([parts_sum[k] for k in keys], device=acc.device), "mean")
         parts_sum = dict(zip(keys, vals.tolist()))
     state.step += 1
+    check_finite_weights(state, cfg)  # reads the trained tensors only: the results are unchanged
     # wall time of the optimisation step (batches, forward, losses, backward, update; not the evaluation)
     return {"step": state.step, "lr": state.scheduler.get_last_lr()[0], **parts_sum,
             "step_seconds": time.perf_counter() - t_step}
@@ -173,12 +194,10 @@ def train_micro_batch(state: TrainState, student, train: TaskData, idx: torch.Te
                                      temperature=cfg.temperature, debiased=cfg.debiased,
                                      distributed=acc.num_processes > 1)
         if not bool(torch.isfinite(loss)):
-            ckpt = state.checkpoint
             raise NonFiniteLossError(
                 f"non-finite loss {float(loss.detach())} at step {state.step + 1} "
-                f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
-                f"the last good checkpoint is kept{f' in {ckpt}' if ckpt else ''}. Lower lr "
-                f"(now {cfg.lr}), add warmup, or use mixed_precision='no'")
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); " + divergence_advice(
+                    cfg.lr, cfg.warmup, state.checkpoint, precision_hint(cfg, state.trainable.parameters())))
         acc.backward(loss / 1.0)
         state.optimizer.step()
         state.scheduler.step()

@@ -27,15 +27,25 @@ from pathlib import Path
 import torch
 
 from ..config import Config, option
+from ..distill.state import (
+    CheckpointError,
+    DivergenceError,
+    check_run_dir,
+    divergence_advice,
+    nonfinite_names,
+    read_checkpoint,
+    write_checkpoint,
+)
 from ..errors import ConfigError
-from ..files import atomic_write
 from ..model.arch import build_arch
 from ..model.loading import Model, quiet_transformers, tiny_config
 from ..model.tokenizer import word_level_tokenizer
 from ..tasks import evaluate, make_task, task_vocabulary
-from ..tasks.entity_tracking import LABELS, OBJECTS, parse_boxes
+from ..tasks.entity_tracking import LABELS, OBJECTS
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "history", "reached", "config")
+MODEL_FILES = ("model.safetensors", "training.json")  # what a finished run leaves in its output directory
 
 
 @dataclass
@@ -71,10 +81,30 @@ class TinyTrainConfig(Config):
     threads: int = option(2, "torch CPU threads")
 
     def validate(self) -> None:
-        parse_boxes((self.min_boxes, self.max_boxes))
-        if self.max_boxes > min(len(OBJECTS), len(LABELS)):
+        for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "max_steps", "report_n"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.d_mlp is not None and self.d_mlp < 1:
+            raise ConfigError(f"d_mlp must be >= 1 (or None: 4 * d_model), got {self.d_mlp}")
+        if not 0 < self.lr <= 1:  # (NaN fails every comparison)
+            raise ConfigError(f"lr must be in (0, 1] (AdamW moves each weight by about lr per step; "
+                              f"typical: 1e-4 to 1e-2), got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0 (0 = off), got {self.warmup}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        pool = min(len(OBJECTS), len(LABELS))
+        if not 2 <= self.min_boxes <= self.max_boxes:
+            raise ConfigError(f"training boxes must satisfy 2 <= min_boxes <= max_boxes, got "
+                              f"{self.min_boxes}..{self.max_boxes}")
+        if self.max_boxes > pool:
             raise ConfigError(f"max_boxes={self.max_boxes} exceeds the task's pools "
                               f"({len(OBJECTS)} objects, {len(LABELS)} labels)")
+        if not self.target_boxes or not all(2 <= b <= pool for b in self.target_boxes + self.report_boxes):
+            raise ConfigError(f"target_boxes (at least one) and report_boxes must be box counts in 2..{pool}, got "
+                              f"{self.target_boxes} and {self.report_boxes}")
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
         if not 0.0 <= self.easy_fraction <= 1.0:
@@ -159,10 +189,6 @@ def lr_factor(cfg: TinyTrainConfig, step: int) -> float:
     return f
 
 
-def _atomic_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 @dataclass
 class TinyRun:
     """Where a ``train_tiny`` run stands (saved in its checkpoint): steps done, training seconds, the
@@ -176,16 +202,18 @@ class TinyRun:
 
 
 def save_tiny_checkpoint(path: Path, hf, opt, sched, run: TinyRun, cfg: TinyTrainConfig) -> None:
-    """Write the checkpoint ``path`` (atomically): model, optimizer, scheduler, ``run`` and ``cfg``."""
-    _atomic_save({"model": hf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "step": run.step, "elapsed": run.elapsed, "history": run.history, "reached": run.reached,
-                  "first_loss": run.first_loss, "config": asdict(cfg)}, path)
+    """Write the checkpoint ``path`` (atomically): model, optimizer, scheduler, ``run`` and ``cfg``.
+    ``DivergenceError`` (nothing written) if a weight is NaN/inf."""
+    write_checkpoint(path, {"model": hf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "step": run.step, "elapsed": run.elapsed, "history": run.history, "reached": run.reached,
+                            "first_loss": run.first_loss, "config": asdict(cfg)}, hf.named_parameters())
 
 
 def restore_tiny_checkpoint(path: Path, hf, opt, sched, cfg: TinyTrainConfig) -> TinyRun:
     """Load the checkpoint ``path`` into ``hf``, ``opt`` and ``sched`` and return its ``TinyRun``.
-    ``ConfigError`` if it was written by a configuration other than ``cfg`` (beyond the options free to change)."""
-    state = torch.load(path, weights_only=False)
+    ``ConfigError`` if it was written by a configuration other than ``cfg`` (beyond the options free to change),
+    or if it cannot be read safely (``read_checkpoint``: ``weights_only``) or holds non-finite weights."""
+    state = read_checkpoint(path, CHECKPOINT_KEYS)
     # options added after the checkpoint was written take their defaults
     saved = asdict(TinyTrainConfig()) | state["config"]
     # free to change: max_steps, threads, and an annealing phase that starts at or after the
@@ -198,6 +226,9 @@ def restore_tiny_checkpoint(path: Path, hf, opt, sched, cfg: TinyTrainConfig) ->
     if saved != asdict(cfg) | free:
         raise ConfigError(f"{path} was written by a different configuration; use a new output "
                           "directory or the same options")
+    bad = nonfinite_names(state["model"].items())
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}); start again with --overwrite")
     hf.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -221,6 +252,15 @@ def tiny_step(hf, opt, sched, cfg: TinyTrainConfig, tokenizer, step: int) -> tor
     return loss
 
 
+def check_tiny_finite(hf, loss: torch.Tensor, cfg: TinyTrainConfig, step: int, checkpoint: Path) -> None:
+    """``DivergenceError`` naming ``step`` if the ``loss`` or a weight of ``hf`` is NaN/inf (reads only)."""
+    bad = nonfinite_names(hf.named_parameters())
+    if bad or not torch.isfinite(loss):
+        what = f"{len(bad)} tensor(s) hold NaN/inf (first: {bad[0]})" if bad else "the weights are still finite"
+        raise DivergenceError(f"training diverged at step {step} (loss {loss.item():.4g}): {what}; "
+                              + divergence_advice(cfg.lr, cfg.warmup, checkpoint))
+
+
 def export_tiny_model(hf, tokenizer, out: Path, record: dict) -> None:
     """Save the model (safetensors), its tokenizer, ``training.json`` and the model card into ``out``."""
     with quiet_transformers():
@@ -230,7 +270,7 @@ def export_tiny_model(hf, tokenizer, out: Path, record: dict) -> None:
     (out / "README.md").write_text(model_card(record))
 
 
-def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = False,
+def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
                checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, log=print,
                command: str | None = None) -> dict:
     """Train a model per ``cfg``, save it (safetensors + tokenizer + ``training.json``) into ``out``
@@ -238,23 +278,26 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
 
     ``command`` (the command line that started the run) is recorded in ``training.json`` and the
     model card (``README.md``). A checkpoint (``checkpoint_dir/checkpoint.pt``, default ``out``; written atomically) lets ``resume=True`` continue a run;
-    resuming with ``max_steps`` at or below the checkpoint's step exports the checkpoint as it is.
+    resuming with ``max_steps`` at or below the checkpoint's step exports the checkpoint as it is. An ``out``
+    (or checkpoint) holding a run is refused unless ``resume`` or ``overwrite`` (start again). A NaN/inf loss
+    or weight stops the run with a ``DivergenceError``: nothing non-finite is saved.
     """
     from tqdm.auto import tqdm
 
     cfg.validate()
-    torch.set_num_threads(cfg.threads)
     out = Path(out)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
+    ckpt = ckpt_dir / CHECKPOINT
+    check_run_dir([out / f for f in MODEL_FILES] + [ckpt], ckpt, resume=resume, overwrite=overwrite)
+    torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = entity_tokenizer()
     hf = build_model(cfg, tokenizer)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     run = TinyRun()
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / CHECKPOINT
-    if resume and ckpt.is_file():
+    if resume:
         run = restore_tiny_checkpoint(ckpt, hf, opt, sched, cfg)
         log(f"resumed from {ckpt} at step {run.step}")
     model = Model(hf, tokenizer, build_arch(hf), name="train_tiny")
@@ -263,6 +306,7 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     while run.step < cfg.max_steps and not run.reached:
         loss = tiny_step(hf, opt, sched, cfg, tokenizer, run.step)
         run.step += 1
+        check_tiny_finite(hf, loss, cfg, run.step, ckpt)
         if run.first_loss is None:
             run.first_loss = round(loss.item(), 5)
         bar.update(1)
