@@ -93,3 +93,116 @@ def test_demo_on_the_shipped_models_small_budget(tmp_path):
     assert 1 / cfg.eval_boxes < res["student_before"]["acc"] < 0.8
     assert set(res["rows"]) == set(PAPER_ROWS)
     assert res["rows"]["ce+align_cka"]["trained_param_fraction"] < 0.2
+
+
+def small_cfg(pair, **kw) -> DemoConfig:
+    base = dict(teacher=pair[0], student=pair[1], seeds=[0, 1], steps=3, batch_size=8, n_train=32, n_eval=16,
+                n_discovery=24, eval_every=0, circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4,
+                extra_matchers=[])
+    return DemoConfig(**{**base, **kw})
+
+
+def count_sweeps(monkeypatch) -> list[tuple]:
+    """Record every ablation sweep as (model, prompts): wraps ``ablation_sweep`` in every module that holds it."""
+    import sys
+
+    from circuit_distill.discovery import sweep as sweep_module
+
+    original = sweep_module.ablation_sweep
+    calls: list[tuple] = []
+
+    def counted(model, task_data, *a, **kw):
+        calls.append((id(model.hf), hash(task_data.clean.input_ids.numpy().tobytes())))
+        return original(model, task_data, *a, **kw)
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("circuit_distill") and getattr(mod, "ablation_sweep", None) is original:
+            monkeypatch.setattr(mod, "ablation_sweep", counted)
+    return calls
+
+
+def test_demo_sweeps_each_model_once_on_its_prompts(pair, tmp_path, monkeypatch):
+    """Discovery, the circuit search and the comparison share one mean-ablation sweep per model: no
+    (model, prompts) pair is swept twice. The teacher and the untrained student are swept once each,
+    and each distilled student once (its comparison)."""
+    calls = count_sweeps(monkeypatch)
+    cfg = small_cfg(pair)
+    res = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert len(calls) == len(set(calls)), "a model was swept twice on the same prompts"
+    assert len(calls) == 2 + len(cfg.seeds) * len(res["rows"])
+
+
+def test_demo_continues_after_an_interruption_without_redoing_runs(pair, tmp_path, monkeypatch):
+    """A demo stopped after two runs and started again trains only the missing runs, and its runs equal
+    those of an uninterrupted demo."""
+    import circuit_distill.demo.run as demo_run
+
+    cfg = small_cfg(pair)
+    whole = run_demo(cfg, tmp_path / "whole", progress=False, log=lambda *a: None)
+    original, trained = demo_run.run_row, []
+
+    def stop_after_two(cfg, row, spec, seed, ctx):
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        trained.append((row, seed))
+        return original(cfg, row, spec, seed, ctx)
+
+    monkeypatch.setattr(demo_run, "run_row", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(cfg, tmp_path / "cut", progress=False, log=lambda *a: None)
+    assert len(json.loads((tmp_path / "cut" / "runs.json").read_text())) == 2
+    first = list(trained)
+    trained.clear()
+    monkeypatch.setattr(demo_run, "run_row", lambda *a: (trained.append(a[1:4:2]), original(*a))[1])
+    resumed = run_demo(cfg, tmp_path / "cut", progress=False, log=lambda *a: None)
+    total = len(cfg.seeds) * len(whole["rows"])
+    assert len(trained) == total - 2 and not set(first) & set(trained)
+    runs = json.loads((tmp_path / "cut" / "runs.json").read_text())
+    key = lambda r: (r["row"], r["seed"])
+    assert sorted(map(key, runs)) == sorted(map(key, json.loads((tmp_path / "whole" / "runs.json").read_text())))
+    assert resumed["rows"] == whole["rows"]
+
+
+def test_demo_refuses_other_settings_in_a_directory_with_runs(pair, tmp_path):
+    cfg = small_cfg(pair, seeds=[0])
+    run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
+    before = (tmp_path / "runs.json").read_text()
+    with pytest.raises(ConfigError, match="differs in: steps.*--overwrite"):
+        run_demo(small_cfg(pair, seeds=[0], steps=4), tmp_path, progress=False, log=lambda *a: None)
+    assert (tmp_path / "runs.json").read_text() == before  # nothing lost
+    res = run_demo(small_cfg(pair, seeds=[0], steps=4), tmp_path, progress=False, log=lambda *a: None, overwrite=True)
+    assert all(len(r["acc_per_seed"]) == 1 for r in res["rows"].values())
+
+
+def test_killed_demo_command_reruns_to_every_run_once(pair, tmp_path):
+    """``circuit-distill demo`` killed (SIGKILL) once two runs are saved, then rerun with the same
+    arguments: every run appears once, and the runs saved before the kill are kept as they were."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    args = [sys.executable, "-m", "circuit_distill.cli", "demo", "--out", str(out), "--seeds", "2", "--steps", "3",
+            "--quiet"] + [f"--set={k}={v}" for k, v in dict(
+                teacher=pair[0], student=pair[1], batch_size=8, n_train=32, n_eval=16, n_discovery=24, eval_every=0,
+                circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4, extra_matchers="[]").items()]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs_path, saved = out / "runs.json", []
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if runs_path.exists() and len(saved := json.loads(runs_path.read_text())) >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    saved = json.loads(runs_path.read_text())  # a run may have been saved between the read and the kill
+    assert 2 <= len(saved) < 12, "the demo was not killed part-way"
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"continuing: {len(saved)} finished runs" in done.stdout + done.stderr
+    runs = json.loads(runs_path.read_text())
+    keys = [(r["row"], r["seed"]) for r in runs]
+    assert len(keys) == len(set(keys)) == 12
+    assert runs[:len(saved)] == saved
