@@ -40,7 +40,7 @@ def test_unknown_family_is_clear(tmp_path):
 
 
 def test_missing_directory_errors(tmp_path):
-    with pytest.raises(CircuitDistillError, match="does not exist"):
+    with pytest.raises(CircuitDistillError, match="no such model directory"):
         load_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CircuitDistillError, match="no config.json"):

@@ -441,3 +441,29 @@ def test_usage_errors_are_one_line_and_overrides_may_follow_options(setup, tmp_p
     line = one_line(*run_cli(capsys, ["distill", "--config", str(setup["yaml"]), "--quiet", "lr=2",
                                       f"out_dir={tmp_path / 'd'}"]))
     assert "lr must be in (0, 1]" in line
+
+
+# ---- model loading: one line for each predictable mistake ---------------------------------------------
+
+@pytest.mark.parametrize("name, message", [
+    ("nosuchmodel", "no such model directory 'nosuchmodel'"),
+    ("./nope/model", "no such model directory"),
+    ("some-org/some-model", "could not fetch 'some-org/some-model' from the Hugging Face hub"),
+])
+def test_missing_models_and_unreachable_hub_are_one_line(capsys, name, message):
+    """A plain name that is no directory is not sent to the hub; a hub id without network says so and
+    how to pass a local directory (the tests run with HF_HUB_OFFLINE=1)."""
+    line = one_line(*run_cli(capsys, ["inspect", name]))
+    assert message in line
+    if "hub" in message:
+        assert "local directory" in line
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_are_one_line(capsys, tmp_path, damage):
+    d = tiny_model("llama", tmp_path / "m", seed=0)
+    w = Path(d) / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 100)
+    line = one_line(*run_cli(capsys, ["inspect", str(d)]))
+    assert "could not read the weights" in line and "corrupt or truncated" in line

@@ -31,3 +31,7 @@ class FastSweepUnsupported(CircuitDistillError):
 
 class PositionError(TaskError, ConfigError):
     """A named token position that the task does not have (a task error and a configuration error)."""
+
+
+class ModelLoadError(CircuitDistillError):
+    """A model could not be found or read (no such directory, hub unreachable, corrupt weights)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CircuitDistillError, SelfCheckError
+from ..errors import CircuitDistillError, ModelLoadError, SelfCheckError
 from .arch import Arch, build_arch
 from .components import Component
 from .gguf import dequantised_checkpoint, find_gguf
@@ -117,9 +117,44 @@ def resolve_name(name_or_path: str | os.PathLike) -> tuple[str, bool]:
         if not (p / "config.json").is_file():
             raise CircuitDistillError(f"{p} exists but holds no config.json: it is not a Hugging Face model directory")
         return str(p), True
-    if s.startswith((".", "/", "~")) or os.sep in s and s.count("/") > 1:
-        raise CircuitDistillError(f"model directory {s!r} does not exist")
+    if s.startswith((".", "/", "~")) or s.count("/") != 1 or not all(s.split("/")):
+        raise ModelLoadError(f"no such model directory {s!r}; pass a local model directory, builtin:NAME, a .gguf "
+                             "file, a packaged name (smollm2-135m, gemma3-270m) or a hub id in the form org/name")
     return s, False
+
+
+def read_config(path: str, local: bool):
+    """The model's ``AutoConfig``; a hub id that cannot be fetched is one clear ``ModelLoadError``."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, **({"local_files_only": True} if local else {}))
+    except OSError as e:
+        if local:
+            raise ModelLoadError(f"could not read the config of {path}: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not fetch {path!r} from the Hugging Face hub (no network, HF_HUB_OFFLINE=1, or "
+                             "no such repository); download it where there is network and pass the local "
+                             "directory instead") from None
+
+
+def read_weights(auto, path: str, local: bool, dtype: torch.dtype, extra: dict):
+    """``auto.from_pretrained``; weights that cannot be read (corrupt, truncated) are one clear error."""
+    kw = {"local_files_only": True} if local else {}
+    with quiet_transformers():
+        try:
+            try:
+                return auto.from_pretrained(path, dtype=dtype, **kw, **extra)
+            except TypeError:  # transformers 4.5x spells it torch_dtype
+                return auto.from_pretrained(path, torch_dtype=dtype, **kw, **extra)
+        except (OSError, ValueError, RuntimeError, EOFError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ModelLoadError(f"could not read the weights of {path} ({type(e).__name__}: {first}); the file is "
+                                 "corrupt or truncated: save or copy the model again") from None
+        except Exception as e:  # safetensors' own error type is not importable from a stable place
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ModelLoadError(f"could not read the weights of {path} (safetensors: {str(e)[:200]}); the file "
+                                 "is corrupt or truncated: save or copy the model again") from None
 
 
 def checkpoint_location(name_or_path: str | os.PathLike) -> tuple[str, bool]:
@@ -145,11 +180,11 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     cached. ``dtype`` defaults to float32. ``attn_implementation="eager"`` is needed only for
     attention patterns.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path, local = checkpoint_location(name_or_path)
     kw = {"local_files_only": True} if local else {}
-    config = AutoConfig.from_pretrained(path, **kw)
+    config = read_config(path, local)
     from .arch import family_for
 
     spec = family_for(config.model_type)  # clear error before loading weights
@@ -158,11 +193,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     dtype = dtype or torch.float32
     auto = AutoModelForMaskedLM if spec.name in ENCODER_FAMILIES else AutoModelForCausalLM
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with quiet_transformers():
-        try:
-            hf = auto.from_pretrained(path, dtype=dtype, **kw, **extra)
-        except TypeError:  # transformers 4.5x spells it torch_dtype
-            hf = auto.from_pretrained(path, torch_dtype=dtype, **kw, **extra)
+    hf = read_weights(auto, path, local, dtype, extra)
     hf.eval()
     if device is not None:
         hf.to(device)
