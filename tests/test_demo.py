@@ -217,3 +217,17 @@ def test_demo_iit_rows_train_and_report_iia(pair, tmp_path):
     for name in IIT_ROWS:
         assert 0 <= res["rows"][name]["iia_after_mean"] <= 1
     assert res["rows"]["ce+iit"]["trained_param_fraction"] == res["rows"]["ce"]["trained_param_fraction"]
+
+
+def test_runs_saved_before_a_setting_existed_continue_at_its_default(tmp_path):
+    """Runs saved by a demo that did not know a newer setting count as that setting's default."""
+    from circuit_distill.demo.run import RUNS, SETTINGS, finished_runs
+
+    cfg = DemoConfig()
+    old = cfg.to_dict()
+    old.pop("iit_rows")
+    (tmp_path / SETTINGS).write_text(json.dumps(old))
+    (tmp_path / RUNS).write_text(json.dumps([{"row": "ce", "seed": 0}]))
+    assert finished_runs(tmp_path, cfg) == [{"row": "ce", "seed": 0}]
+    with pytest.raises(ConfigError, match="differs in: iit_rows"):
+        finished_runs(tmp_path, DemoConfig(iit_rows=True))

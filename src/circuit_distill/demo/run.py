@@ -55,9 +55,12 @@ def finished_runs(out: Path, cfg: DemoConfig, overwrite: bool = False) -> list[d
             stale.unlink(missing_ok=True)
         atomic_write_json(settings_path, cfg.to_dict())
         return []
+    now = json.loads(json.dumps(cfg.to_dict()))
     saved = json.loads(settings_path.read_text()) if settings_path.exists() else None
-    if saved != json.loads(json.dumps(cfg.to_dict())):
-        diff = sorted(k for k in cfg.to_dict() if saved is None or saved.get(k) != cfg.to_dict()[k])
+    if saved is not None:  # a setting added since those runs was, for them, at its default
+        saved = {**json.loads(json.dumps(DemoConfig().to_dict())), **saved}
+    if saved != now:
+        diff = sorted(k for k in now if saved is None or saved.get(k) != now[k])
         raise ConfigError(f"{out} holds runs of a demo with other settings (differs in: {', '.join(diff) or 'unknown'}); "
                           "rerun with the same settings to continue, pass --overwrite to start again, or use another --out")
     return json.loads(runs_path.read_text())
