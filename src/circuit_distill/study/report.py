@@ -110,6 +110,7 @@ def curves(cells: list[dict], warmth: str, positions: list[str], scopes: list[st
                     ax.plot(c["curve"]["steps"], c["curve"]["acc_hard"], lw=1.4, label=c["row"],
                             ls="--" if c["control"] else "-")
             ax.set_title(f"{scope} | {pos}", fontsize=9)
+            ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
             if i == len(scopes) - 1:
                 ax.set_xlabel("step", fontsize=8)

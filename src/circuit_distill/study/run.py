@@ -60,6 +60,8 @@ def run_workers(cfg: StudyConfig, out: Path, jobs: int, bar, log) -> None:
             if p.poll() is None:
                 p.terminate()
                 p.wait()
+    for path in logs:  # every worker finished cleanly
+        path.unlink(missing_ok=True)
 
 
 def verdict(cells: list[dict]) -> str:

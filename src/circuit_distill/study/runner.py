@@ -69,7 +69,7 @@ def distill_config(cfg: StudyConfig, key: RunKey) -> DistillConfig:
 def run_one(ctx: StudyContext, key: RunKey) -> dict:
     """Distil a fresh copy of ``key.warmth``'s student for run ``key`` and measure it: accuracies with the
     per-prompt correctness, the curve, the mean CKA of the paper's pairs, and the transfer check."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg, row, warm = ctx.cfg, ctx.cfg.row_specs()[key.row], ctx.student(key.warmth)
     dc = distill_config(cfg, key)
     student = warm.fresh_copy()
@@ -94,7 +94,7 @@ def run_one(ctx: StudyContext, key: RunKey) -> dict:
         "trained_params": res.trained_params, "trained_param_fraction": res.trained_fraction,
         "pair_cka_after": sum(ckas) / len(ckas) if ckas else math.nan, "pairs": [[str(s), str(t)] for s, t in own],
         **{f"{k}_after": v for k, v in check.items()},
-        "train_seconds": t_train, "seconds": time.perf_counter() - t0,
+        "train_seconds": t_train, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
     }
 
 
