@@ -2,9 +2,11 @@
 targets, the untrained teacher), the transfer check, the paired bootstrap against a hand computation, and
 the runner on a 2-cell grid with 2 seeds (results.json's shape, resume, settings refused)."""
 
+import copy
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +97,23 @@ def test_grid_shares_rows_without_alignment_and_runs_seed_first():
     assert last.run_of(cfg, "ce+align_cka", 1).id == f"{last.warmth}.{last.trainable}.last.ce+align_cka.s1"
 
 
+def test_warm_students_stand_at_three_competence_levels():
+    """The study's warmth factor: one train-tiny trajectory stopped at acc@3 >= 0.33, 0.6 and 0.95."""
+    from circuit_distill.tasks import evaluate
+
+    accs = {}
+    for name in ("student-cold", "student", "student-competent"):
+        model = load_model(f"builtin:entity-tracking-{name}")
+        td3 = make_task("entity_tracking", model.tokenizer, 300, seed=40_003, n_boxes=3)
+        accs[name] = evaluate(model, td3)["accuracy"]
+        cfg = json.loads(Path(model.hf.name_or_path, "training.json").read_text())
+        assert cfg["config"]["seed"] == 1 and cfg["reached_target"]
+    assert 0.25 < accs["student-cold"] < 0.45 < accs["student"] < 0.75 < 0.9 < accs["student-competent"]
+    assert StudyConfig().students == {"cold": "builtin:entity-tracking-student-cold",
+                                      "partial": "builtin:entity-tracking-student",
+                                      "competent": "builtin:entity-tracking-student-competent"}
+
+
 # ---- the controls in the trainer ----------------------------------------------------------------------
 
 def test_shuffled_partners_never_pair_a_prompt_with_itself():
@@ -144,7 +163,7 @@ def test_trainer_aligns_with_shuffled_targets_when_asked(models, td):
     for targets in ("paired", "shuffled"):
         cfg = DistillConfig(objective="align_cka", steps=1, batch_size=12, lr=1e-6, eval_every=0, use_cache=False,
                             trainable="matched_heads", align_targets=targets, positions="all")
-        s = dataclasses.replace(student, hf=__import__("copy").deepcopy(student.hf))
+        s = dataclasses.replace(student, hf=copy.deepcopy(student.hf))
         res = distill(s, td, teacher=student, component_map=cmap, config=cfg, progress=False)
         ckas[targets] = res.history[0]["cka"]
     assert ckas["paired"] == pytest.approx(1.0, abs=1e-4) and ckas["shuffled"] < 0.95
@@ -231,6 +250,53 @@ def grid(pair, **kw) -> dict:
     return {**base, **kw}
 
 
+def synthetic_run(key, n=40) -> dict:
+    """A run record as ``run_one`` writes it, with made-up numbers: the method gets the first 30 prompts right
+    (role 0.8), ce and the controls the first 20 (role 0.6)."""
+    good = key.row == "ce+align_cka"
+    bits = "1" * (30 if good else 20) + "0" * (n - (30 if good else 20))
+    return {**key.to_dict(), "id": key.id, "acc": bits.count("1") / n, "acc_hard": bits.count("1") / n,
+            "correct_eval": bits, "correct_hard": bits, "curve": [{"step": 0, "acc": 0.1, "acc_hard": 0.1}],
+            "steps_to": {"0.5": 0}, "trained_param_fraction": 0.1, "pair_cka_after": 0.5, "alignment_after": 0.5,
+            "n_carry_80_after": 3, "n_over_20_after": 1, "seconds": 1.0,
+            "role_after": {"role": 0.8 if good else 0.6 + 0.01 * key.seed, "attention": 0.5, "effect": 0.5}}
+
+
+def test_runner_loop_skips_finished_and_claimed_runs_and_summarises(tmp_path, monkeypatch):
+    """The loop alone (made-up runs): every run once, finished and claimed runs skipped, stale claims cleared,
+    other settings refused; the summary's gains and verdicts follow the made-up numbers."""
+    from circuit_distill.study.results import summarise_study
+
+    cfg = StudyConfig(students={"w": "x"}, trainable=["matched_heads"], positions=["all", "last"], seeds=[0, 1, 2],
+                      rows=["ce", "ce+align_cka", *CONTROLS.values()], n_boot=200)
+    monkeypatch.setattr(study_runner, "StudyContext", lambda cfg, log: object())
+    done = []
+    monkeypatch.setattr(study_runner, "run_one", lambda ctx, key: done.append(key.id) or synthetic_run(key))
+    out = tmp_path / "out"
+    study_runner.prepare_out(out, cfg, overwrite=False)
+    (out / "runs" / "w.matched_heads.all.ce+align_cka.s0.claim").touch()  # another process holds it
+    assert study_runner.work(cfg, out) == 3 * 9 - 1 and len(done) == 26
+    study_runner.prepare_out(out, cfg, overwrite=False)  # a rerun clears the stale claim ...
+    done.clear()
+    assert study_runner.work(cfg, out) == 1 and done == ["w.matched_heads.all.ce+align_cka.s0"]  # ... and runs only it
+    assert study_runner.work(cfg, out) == 0
+    with pytest.raises(ConfigError, match="other settings"):
+        study_runner.prepare_out(out, StudyConfig(**{**cfg.to_dict(), "steps": 7}), overwrite=False)
+
+    before = {"w": {"alignment": 0.5, "n_carry_80": 3, "n_over_20": 1,
+                    "role@ablation": {"role": 0.6, "attention": 0.5, "effect": 0.5}}}
+    cells = summarise_study(cfg, finished(out), before)
+    assert len(cells) == 2 * 5  # 2 cells (positions all, last) x 5 rows; ce is shared by both cells
+    method = next(c for c in cells if c["row"] == "ce+align_cka" and c["positions"] == "last")
+    assert method["gain_vs_ce"]["mean"] == pytest.approx(0.25) and method["gain_vs_ce"]["ci_low"] > 0
+    assert set(method["gain_vs_controls"]) == set(CONTROLS) and method["helps"] and method["transferred"]
+    assert method["goal_met"] and method["gain_vs_best_control"]["mean"] == pytest.approx(0.25)
+    assert method["role_gain_vs_controls"]["random"]["mean"] == pytest.approx(0.8 - 0.61)
+    control = next(c for c in cells if c["row"] == "ce+shuffled_cka")
+    assert "helps" not in control and control["gain_vs_ce"]["mean"] == 0
+
+
+@pytest.mark.slow
 def test_study_runs_a_two_cell_grid_and_resumes(pair, tmp_path, monkeypatch):
     import yaml
 

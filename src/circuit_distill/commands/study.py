@@ -34,8 +34,11 @@ def run(args) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     if args.worker:  # one of run_study's worker processes: runs only, no checks, no report
+        import os
+
         cfg.threads = args.threads or cfg.threads
-        work(cfg, Path(args.out), log=lambda m: print(m, flush=True))
+        parent = os.getppid()  # a worker whose study process died stops after its current run
+        work(cfg, Path(args.out), log=lambda m: print(m, flush=True), stop=lambda: os.getppid() != parent)
         return 0
     if args.report_only:
         write_results(cfg, Path(args.out))

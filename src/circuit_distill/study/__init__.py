@@ -10,6 +10,7 @@ similarity of matched heads, ``stats`` the bootstrap, ``results`` the summary an
 from .config import CONTROLS, SCOPES, Row, StudyConfig, parse_row
 from .context import StudyContext, make_data
 from .grid import Cell, RunKey, study_cells, study_runs
+from .report import study_sections, write_study_report
 from .run import run_study, write_results
 from .runner import finished, run_one, work
 from .stats import Gain, paired_gain
@@ -17,4 +18,4 @@ from .transfer import Roles, role_similarity, transfer_check
 
 __all__ = ["CONTROLS", "Cell", "Gain", "Roles", "Row", "SCOPES", "StudyConfig", "StudyContext", "RunKey",
            "finished", "make_data", "paired_gain", "parse_row", "role_similarity", "run_one", "run_study",
-           "study_cells", "study_runs", "transfer_check", "work", "write_results"]
+           "study_cells", "study_runs", "study_sections", "write_study_report", "transfer_check", "work", "write_results"]

@@ -145,20 +145,14 @@ def cell_table(cells: list[dict]) -> str:
     return "\n".join(out) + "</table>"
 
 
-def write_study_report(results: dict, out: Path) -> Path:
-    """Write ``out/report.html`` from ``results`` (what ``results.json`` holds)."""
+def study_sections(results: dict) -> list[str]:
+    """The report's HTML sections after its header: the verdict, for each aligned row the accuracy-gain and
+    role heatmaps, the curves and the table of every cell (a page that embeds the study, like the demo's,
+    takes these)."""
     p, cells = results["protocol"], results["cells"]
     warmths, scopes, positions = list(p["students"]), p["trainable"], p["positions"]
     methods = [r for r in dict.fromkeys(c["row"] for c in cells) if any(c["row"] == r and "helps" in c for c in cells)]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>circuit-distill study</title><style>{CSS}</style>"
-             "</head><body><h1>Where does circuit distillation transfer a mechanism?</h1>",
-             f"<p>Teacher {html.escape(p['teacher'])}: accuracy {results['teacher']['acc']:.3f} / "
-             f"{results['teacher']['acc_hard']:.3f} (harder split). Seeds {p['seeds']}, {p['steps']} steps, "
-             f"{p['n_eval']} prompts per held-out set, {results['n_runs']} runs.</p><ul>"]
-    for w, s in results["students"].items():
-        parts.append(f"<li>{html.escape(w)}: {html.escape(s['model'])}, accuracy {s['acc']:.3f} / {s['acc_hard']:.3f}, "
-                     f"A = {s['alignment']:.3f}, role similarity of the paper's pairs {s['role@ablation']['role']:.3f}</li>")
-    parts.append(f"</ul><h2>Verdict</h2><p>{html.escape(results['verdict'])}</p>")
+    parts = [f"<h2>Verdict</h2><p>{html.escape(results['verdict'])}</p>"]
     for row in methods:
         parts += [f"<h2>{html.escape(row)}</h2>",
                   heatmaps(cells, row, [("gain over ce", gain_value("gain_vs_ce")),
@@ -169,5 +163,19 @@ def write_study_report(results: dict, out: Path) -> Path:
                            positions, warmths, scopes, f"{row}: role similarity of the paper's matched pairs")]
     parts.append("<h2>Accuracy curves</h2>")
     parts += [curves(cells, w, positions, scopes) for w in warmths]
-    parts += ["<h2>Every cell and row</h2>", cell_table(cells), "</body></html>"]
+    return parts + ["<h2>Every cell and row</h2>", cell_table(cells)]
+
+
+def write_study_report(results: dict, out: Path) -> Path:
+    """Write ``out/report.html`` from ``results`` (what ``results.json`` holds)."""
+    p = results["protocol"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>circuit-distill study</title><style>{CSS}</style>"
+             "</head><body><h1>Where does circuit distillation transfer a mechanism?</h1>",
+             f"<p>Teacher {html.escape(p['teacher'])}: accuracy {results['teacher']['acc']:.3f} / "
+             f"{results['teacher']['acc_hard']:.3f} (harder split). Seeds {p['seeds']}, {p['steps']} steps, "
+             f"{p['n_eval']} prompts per held-out set, {results['n_runs']} of {results['n_runs_planned']} runs.</p><ul>"]
+    for w, s in results["students"].items():
+        parts.append(f"<li>{html.escape(w)}: {html.escape(s['model'])}, accuracy {s['acc']:.3f} / {s['acc_hard']:.3f}, "
+                     f"A = {s['alignment']:.3f}, role similarity of the paper's pairs {s['role@ablation']['role']:.3f}</li>")
+    parts += ["</ul>", *study_sections(results), "</body></html>"]
     return atomic_write_text(Path(out) / "report.html", "\n".join(parts))

@@ -139,14 +139,18 @@ def claim(runs: Path, key: RunKey) -> bool:
     return True
 
 
-def work(cfg: StudyConfig, out: Path, *, ctx: StudyContext | None = None, log=print, on_done=None) -> int:
+def work(cfg: StudyConfig, out: Path, *, ctx: StudyContext | None = None, log=print, on_done=None,
+         stop=None) -> int:
     """Run every unfinished, unclaimed run of the study into ``out/runs`` (the loop of one process; the shared
     parts ``ctx`` are built on the first run if not given); returns how many this process ran.
-    ``on_done(record)`` is called after each one is saved."""
+    ``on_done(record)`` is called after each one is saved; ``stop()`` (if given) before each run: True ends
+    the loop (a worker whose parent died)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     runs, n = out / RUNS, 0
     for key in study_runs(cfg):
+        if stop is not None and stop():
+            break
         if not claim(runs, key):
             continue
         try:
