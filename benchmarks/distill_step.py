@@ -1,9 +1,13 @@
-"""Per-step cost of the circuit-distillation trainer: alignment over KD, and cached alignment over CE.
+"""Per-step cost of the circuit-distillation trainer: alignment over KD, cached alignment over CE, and
+cached interchange-intervention training (``ce+iit``) over CE.
 
 Tiny Llama-style models with GQA (teacher 4 layers, d_model 128, 8 heads / 2 KV heads; student 2
 layers, d_model 64, 4 heads / 2 KV heads), induction prompts of 24 tokens, batch 32, 4 matched head
 pairs, trainable = matched heads, alignment over all non-padding positions. Goals: ``ce+align_cka``
-/ ``kd`` (teacher online) <= 1.15; ``ce+align_cka`` with the teacher cache / ``ce`` (no teacher) <= 1.15.
+/ ``kd`` (teacher online) <= 1.15; ``ce+align_cka`` with the teacher cache / ``ce`` (no teacher) <= 1.15;
+``ce+iit`` with the teacher cache (its intervened logits precomputed; corrupted sources, all positions,
+one pair per step, gold CE labels like ``ce``) / ``ce`` <= 2.0 (one extra student forward, of the
+``[source; base]`` rows).
 
 Step time: each variant is a full ``distill(...)`` call of ``--steps`` steps; the calls run
 round-robin in one process, ``--repeats`` times, so machine noise hits all variants alike. The
@@ -36,12 +40,13 @@ from _common import interleaved_runs, print_table, write_results
 
 from circuit_distill.distill import build_cache, distill
 from circuit_distill.distill.config import DistillConfig
+from circuit_distill.distill.iit import Interchange, cache_interchanges, teacher_head_sets
 from circuit_distill.matching import ComponentMap
 from circuit_distill.model import Component, load_model, tiny_model
 from circuit_distill.tasks import make_task
 
 PAIRS = [((1, 0), (3, 1)), ((1, 2), (2, 5)), ((0, 1), (1, 7)), ((1, 3), (3, 4))]
-VARIANTS = ("kd_online", "align_online", "ce", "align_cached")
+VARIANTS = ("kd_online", "align_online", "ce", "align_cached", "iit_cached")
 
 
 def setup(root: Path):
@@ -51,6 +56,7 @@ def setup(root: Path):
     train = make_task("induction", student.tokenizer, 256, seed=0, seq_len=24)
     cmap = ComponentMap([(Component.make_head(*a), Component.make_head(*b)) for a, b in PAIRS])
     cache = build_cache(teacher, train, cmap.teacher_components, "all", root / "cache")
+    cache_interchanges(cache, teacher, train, teacher_head_sets(cmap.pairs, "one"), Interchange())
     return s, teacher, train, cmap, cache
 
 
@@ -59,7 +65,8 @@ def runner(variant: str, s_dir, teacher, train, cmap, cache, steps: int):
     cfgs = {"kd_online": (DistillConfig(objective="kd", **base), teacher, None),
             "align_online": (DistillConfig(objective="ce+align_cka", **base), teacher, None),
             "ce": (DistillConfig(objective="ce", labels="gold", **base), None, None),
-            "align_cached": (DistillConfig(objective="ce+align_cka", **base), None, cache)}
+            "align_cached": (DistillConfig(objective="ce+align_cka", **base), None, cache),
+            "iit_cached": (DistillConfig(objective="ce+iit", labels="gold", **base), None, cache)}
     cfg, t, c = cfgs[variant]
     student = load_model(s_dir, check=False)
     init = {k: v.detach().clone() for k, v in student.hf.state_dict().items()}
@@ -117,10 +124,13 @@ def main() -> None:
         "align_over_kd": per_step["align_online"] / per_step["kd_online"],
         "cached_align_over_ce": per_step["align_cached"] / per_step["ce"],
         "goal": 1.15,
+        "cached_iit_over_ce": per_step["iit_cached"] / per_step["ce"],
+        "iit_goal": 2.0,
         "step_seconds": per_step,
         "step_seconds_quartiles": quartiles,
         "per_call": {"align_over_kd": per_call["align_online"] / per_call["kd_online"],
                      "cached_align_over_ce": per_call["align_cached"] / per_call["ce"],
+                     "cached_iit_over_ce": per_call["iit_cached"] / per_call["ce"],
                      "seconds_per_step": per_call,
                      "note": f"median whole distill() call of {args.steps} steps / {args.steps}: set-up and "
                              "the end-of-run pair-CKA evaluation included"},
@@ -129,7 +139,9 @@ def main() -> None:
         "setup": {"teacher": "llama 4L d128 8H/2KV", "student": "llama 2L d64 4H/2KV", "batch": 32, "seq": 24,
                   "pairs": len(PAIRS), "trainable": "matched_heads", "positions": "all",
                   "steps_per_call": args.steps, "repeats": args.repeats, "threads": 1,
-                  "step_time": "median of the trainer's step_seconds over all steps but each call's first"},
+                  "step_time": "median of the trainer's step_seconds over all steps but each call's first",
+                  "iit": "ce+iit, gold labels, corrupted counterpart as the base, all positions, one pair per step, "
+                         "teacher intervened logits cached"},
     }
     path = write_results("distill_step", res)
     print_table([(k, f"{per_step[k] * 1e3:.2f}", "-".join(f"{q * 1e3:.1f}" for q in quartiles[k][::2]),
@@ -138,7 +150,9 @@ def main() -> None:
                 ("variant", "ms/step", "IQR", "ms/step whole call", "peak RSS MB", "growth MB"))
     print(f"align/kd = {res['align_over_kd']:.3f}   cached align/ce = {res['cached_align_over_ce']:.3f}"
           f"   (goal <= 1.15; whole calls: {res['per_call']['align_over_kd']:.3f} and "
-          f"{res['per_call']['cached_align_over_ce']:.3f})   -> {path}")
+          f"{res['per_call']['cached_align_over_ce']:.3f})")
+    print(f"cached iit/ce = {res['cached_iit_over_ce']:.3f}   (goal <= 2.0; whole calls: "
+          f"{res['per_call']['cached_iit_over_ce']:.3f})   -> {path}")
 
 
 if __name__ == "__main__":

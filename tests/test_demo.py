@@ -7,7 +7,7 @@ import pytest
 
 from circuit_distill import tiny_model
 from circuit_distill.config import load_config
-from circuit_distill.demo import PAPER_ROWS, DemoConfig, run_demo
+from circuit_distill.demo import IIT_ROWS, PAPER_ROWS, DemoConfig, run_demo
 from circuit_distill.errors import ConfigError
 from circuit_distill.model import Component
 from circuit_distill.training.tiny import entity_tokenizer
@@ -206,3 +206,14 @@ def test_killed_demo_command_reruns_to_every_run_once(pair, tmp_path):
     keys = [(r["row"], r["seed"]) for r in runs]
     assert len(keys) == len(set(keys)) == 12
     assert runs[:len(saved)] == saved
+
+
+def test_demo_iit_rows_train_and_report_iia(pair, tmp_path):
+    """``iit_rows=True`` adds the interchange-intervention rows (and the sanity row) beside the paper's, and
+    measures the paper's pairs' IIA before distillation and after every run."""
+    res = run_demo(small_cfg(pair, seeds=[0], iit_rows=True), tmp_path, progress=False, log=lambda *a: None)
+    assert set(IIT_ROWS) <= set(res["rows"]) and set(PAPER_ROWS) <= set(res["rows"])
+    assert 0 <= res["student_before"]["iia"] <= 1
+    for name in IIT_ROWS:
+        assert 0 <= res["rows"][name]["iia_after_mean"] <= 1
+    assert res["rows"]["ce+iit"]["trained_param_fraction"] == res["rows"]["ce"]["trained_param_fraction"]

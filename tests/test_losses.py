@@ -123,7 +123,8 @@ def test_select_rows_keeps_gradients_and_validates():
 # ---- objectives ------------------------------------------------------------------------------------
 
 def test_registry_names_and_flags():
-    assert set(OBJECTIVES) == {"ce", "kd", "align_cka", "random_cka", "ce+random_cka", "ce+align_cka", "kd+align_cka"}
+    assert set(OBJECTIVES) == {"ce", "kd", "align_cka", "random_cka", "ce+random_cka", "ce+align_cka", "kd+align_cka",
+                               "iit", "ce+iit", "kd+iit", "random_iit", "ce+random_iit", "ce+iit+align_cka"}
     o = get_objective("CE + Align CKA")
     assert o.name == "ce+align_cka" and o.uses_ce and o.uses_align and not o.uses_kd and o.pairs == "matched"
     assert get_objective("ce+rand_cka").pairs == "random"

@@ -29,6 +29,14 @@ PAPER_ROWS: dict[str, tuple[str, str, str]] = {
     "align_cka": ("align_cka", "ablation", "matched_heads"),
     "ce@all": ("ce", "ablation", "all"),
 }
+# the interchange-intervention rows (``--set iit_rows=true``): row -> (objective, map key, trainable,
+# extra DistillConfig settings); ``ce+iit@self`` is the sanity row (sources that cannot change the answer)
+IIT_ROWS: dict[str, tuple[str, str, str, dict]] = {
+    "ce+iit": ("ce+iit", "ablation", "matched_heads", {}),
+    "ce+random_iit": ("ce+random_iit", "ablation", "matched_heads", {}),
+    "ce+iit+align_cka": ("ce+iit+align_cka", "ablation", "matched_heads", {}),
+    "ce+iit@self": ("ce+iit", "ablation", "matched_heads", {"iit_counterpart": "self"}),
+}
 OUR_MATCHERS = ("hungarian", "cka")  # the default extra rows
 EXTRA_MATCHERS = (*OUR_MATCHERS, "ablation_norm")  # ablation_norm: the paper's rule on per-model normalised effects
 REPORT_ROW = "ce+align_cka"  # the row whose first seed's comparison the report draws
@@ -68,6 +76,8 @@ class DemoConfig(Config):
     trainable: str = option("matched_heads", "what every row but ce@all trains: 'matched_heads' (the "
                             "paper's q rows and o columns of the mapped student heads) or 'attention'")
     train_kv: bool = option(False, "with matched_heads, also train the mapped heads' GQA key/value groups")
+    iit_rows: bool = option(False, "add the interchange-intervention rows (ce+iit, ce+random_iit, "
+                            "ce+iit+align_cka, ce+iit@self) and IIA of the paper's pairs before and after")
 
     def validate(self) -> None:
         unknown = [m for m in self.extra_matchers if m not in EXTRA_MATCHERS]
@@ -83,14 +93,17 @@ class DemoConfig(Config):
             raise ConfigError("demo setting seeds is empty: give at least one seed, e.g. --seeds 3")
 
 
-def demo_rows(cfg: DemoConfig, maps: dict) -> dict[str, tuple[str, str, str]]:
-    """Row name -> (objective, map key, trainable subset): the paper's rows, then one
-    ``ce+align_cka@<matcher>`` row per extra matcher whose map differs from the paper's."""
-    rows = {name: (obj, key, cfg.trainable if subset == "matched_heads" else subset)
-            for name, (obj, key, subset) in PAPER_ROWS.items()}
+def demo_rows(cfg: DemoConfig, maps: dict) -> dict[str, tuple[str, str, str, dict]]:
+    """Row name -> (objective, map key, trainable subset, extra DistillConfig settings): the paper's rows,
+    one ``ce+align_cka@<matcher>`` row per extra matcher whose map differs from the paper's, then the
+    interchange-intervention rows if ``cfg.iit_rows``."""
+    scoped = lambda subset: cfg.trainable if subset == "matched_heads" else subset
+    rows = {name: (obj, key, scoped(subset), {}) for name, (obj, key, subset) in PAPER_ROWS.items()}
     for m in cfg.extra_matchers:
         if m in maps and maps[m].pairs != maps["ablation"].pairs:
-            rows[f"ce+align_cka@{m}"] = ("ce+align_cka", m, cfg.trainable)
+            rows[f"ce+align_cka@{m}"] = ("ce+align_cka", m, cfg.trainable, {})
+    if cfg.iit_rows:
+        rows.update({name: (obj, key, scoped(subset), dict(extra)) for name, (obj, key, subset, extra) in IIT_ROWS.items()})
     return rows
 
 

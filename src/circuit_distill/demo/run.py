@@ -18,6 +18,7 @@ import torch
 
 from ..analysis import Comparison, compare
 from ..distill import DistillConfig, TeacherCache, build_cache, distill, pair_cka
+from ..distill.iit import Interchange, cache_interchanges, pair_iia
 from ..errors import CircuitDistillError, ConfigError
 from ..files import atomic_write_json
 from ..matching import discover_and_match
@@ -94,12 +95,12 @@ def accuracy_curve(history: list[dict], start: dict, final: dict, steps: int) ->
 def run_row(cfg: DemoConfig, row: str, spec: tuple[str, str, str], seed: int, ctx: dict) -> tuple[dict, Comparison]:
     """Distil a fresh student for one (row, seed) and measure it: accuracies, the mean CKA of the
     paper's pairs, the alignment score A; returns the run record and the comparison."""
-    objective, map_key, subset = spec
+    objective, map_key, subset, extra = spec
     student = load_model(cfg.student)
     dc = DistillConfig(objective=objective, seed=seed, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup=cfg.warmup, lam=cfg.lam, positions=cfg.positions, trainable=subset,
                        train_kv=cfg.train_kv and subset == "matched_heads",
-                       eval_every=cfg.eval_every, labels="teacher", use_cache=True)
+                       eval_every=cfg.eval_every, labels="teacher", use_cache=True, **extra)
     res = distill(student, ctx["data"]["train"], teacher=None, eval_sets=ctx["eval_sets"],
                   component_map=ctx["maps"][map_key], config=dc, cache=ctx["cache"], progress=False)
     ckas = pair_cka(student, ctx["maps"]["ablation"].pairs, ctx["data"]["eval"], cfg.positions,
@@ -113,7 +114,23 @@ def run_row(cfg: DemoConfig, row: str, spec: tuple[str, str, str], seed: int, ct
         "trained_param_fraction": res.trained_fraction, "trained_params": res.trained_params,
         "curve": accuracy_curve(res.history, ctx["student_acc"], res.final_eval, res.steps),
     }
+    if cfg.iit_rows:
+        record["iia_after"] = mean_iia(student, ctx)
     return record, cmp
+
+
+def mean_iia(student, ctx: dict) -> float:
+    """Mean interchange intervention accuracy of the paper's pairs on the evaluation prompts (teacher online)."""
+    iia = pair_iia(student, ctx["maps"]["ablation"].pairs, ctx["data"]["eval"], teacher=ctx["teacher"],
+                   setting=Interchange())
+    return sum(iia) / len(iia) if iia else math.nan
+
+
+def cache_iit_targets(cache: TeacherCache, teacher, train, heads) -> None:
+    """The teacher's intervened answers on the training prompts, for every IIT row's interventions (each
+    teacher circuit head alone, with corrupted and with self sources), so training runs no teacher forward."""
+    for setting in (Interchange(), Interchange("self")):
+        cache_interchanges(cache, teacher, train, [[h] for h in heads], setting)
 
 
 def train_rows(cfg: DemoConfig, rows: dict, ctx: dict, out: Path, runs: list[dict], progress: bool, log) -> Comparison | None:
@@ -163,13 +180,16 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
            "cache": teacher_cache(teacher, data["train"], found.teacher.circuit.components, cfg.positions,
                                   out / "teacher_cache")}
     rows = demo_rows(cfg, found.maps)
+    if cfg.iit_rows:
+        cache_iit_targets(ctx["cache"], teacher, data["train"], found.teacher.circuit.components)
     cmp_after = train_rows(cfg, rows, ctx, out, runs, progress, log)
     summary = summarise_rows(runs)
     results = {
         "rows": {r: summary[r] for r in rows},
         "teacher": {"acc": t_acc["eval"], "acc_hard": t_acc["hard"], "model": cfg.teacher, "params": teacher.n_params},
         "student_before": {"acc": s_acc["eval"], "acc_hard": s_acc["hard"], "alignment": float(cmp_before.alignment),
-                           "model": cfg.student, "params": student0.n_params},
+                           "model": cfg.student, "params": student0.n_params,
+                           **({"iia": mean_iia(student0, ctx)} if cfg.iit_rows else {})},
         "circuits": {side: {"components": [str(c) for c in d.circuit.components], "faithfulness": d.circuit.faithfulness}
                      for side, d in (("teacher", found.teacher), ("student", found.student))},
         "maps": {k: m.to_dict() for k, m in found.maps.items()},

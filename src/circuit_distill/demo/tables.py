@@ -32,7 +32,7 @@ def summarise_rows(runs: list[dict]) -> dict[str, dict]:
     for row, rs in by_row.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         summary: dict = {"seeds": [r["seed"] for r in rs]}
-        for key in ROW_SCALARS:
+        for key in ROW_SCALARS + (("iia_after",) if any("iia_after" in r for r in rs) else ()):
             vals = [r.get(key) for r in rs]
             m, s = _mean_std(vals)
             summary[f"{key}_mean"], summary[f"{key}_std"] = m, s
@@ -56,21 +56,27 @@ def summarise_rows(runs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def cells(r: dict, name: str) -> tuple[str, ...]:
+    """One table line of a row summary: name, accuracies (mean +- std), pair CKA, alignment, trained %."""
+    return (
+        name,
+        f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}",
+        f"{r['acc_hard_mean']:.3f} ± {r['acc_hard_std']:.3f}",
+        "—" if math.isnan(r["pair_cka_after"]) else f"{r['pair_cka_after']:.3f}",
+        "—" if math.isnan(r["alignment_after"]) else f"{r['alignment_after']:.3f}",
+        f"{100 * r['trained_param_fraction']:.1f}",
+    )
+
+
 def format_table(rows: dict[str, dict], order: list[str] | None = None) -> str:
-    """A plain-text table: row, accuracy, hard-split accuracy (mean +- std), pair CKA, alignment, trained %."""
+    """A plain-text table: row, accuracy, hard-split accuracy (mean +- std), pair CKA, alignment, trained %,
+    and the interchange intervention accuracy when the runs measured it."""
     order = order or list(rows)
-    header = ("row", "acc (mean ± std)", "acc hard (mean ± std)", "pair CKA", "alignment A", "trained %")
-    lines = []
-    for name in order:
-        r = rows[name]
-        lines.append((
-            name,
-            f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}",
-            f"{r['acc_hard_mean']:.3f} ± {r['acc_hard_std']:.3f}",
-            "—" if math.isnan(r["pair_cka_after"]) else f"{r['pair_cka_after']:.3f}",
-            "—" if math.isnan(r["alignment_after"]) else f"{r['alignment_after']:.3f}",
-            f"{100 * r['trained_param_fraction']:.1f}",
-        ))
+    iia = any("iia_after_mean" in r for r in rows.values())
+    header = ("row", "acc (mean ± std)", "acc hard (mean ± std)", "pair CKA", "alignment A", "trained %") + (
+        ("IIA",) if iia else ())
+    lines = [cells(rows[name], name) + ((f"{rows[name].get('iia_after_mean', math.nan):.3f}",) if iia else ())
+             for name in order]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]

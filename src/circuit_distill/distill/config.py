@@ -12,6 +12,11 @@ from .trainable import SUBSETS
 
 POSITIONS_HELP = "'all' (every non-padding token), 'last', or the name of a task position"
 MATCHINGS = ("ablation", "hungarian", "random")  # the matchers the distill command can run
+# allowed values of the interchange-intervention options (see distill.iit)
+IIT_COUNTERPARTS = ("corrupted", "other", "same_answer", "self")
+IIT_BASES = ("counterpart", "train")
+IIT_CHOICES = {"iit_counterpart": IIT_COUNTERPARTS, "iit_base": IIT_BASES, "iit_pairs": ("one", "all"),
+               "iit_loss": ("kl", "ce")}
 
 
 @dataclass
@@ -30,7 +35,7 @@ class DistillConfig(Config):
     seed: int = option(0, "seed of the data, the batch order, the trainable subset and random pairs")
     objective: str = option("ce+align_cka", "named objective (distill.objectives), e.g. ce, kd, ce+align_cka")
     lam: float = option(1.0, "weight of the alignment term: CE + KD + lam * mean(1 - CKA)")
-    temperature: float = option(1.0, "KD softmax temperature")
+    temperature: float = option(1.0, "softmax temperature of KD and of the IIT KL")
     positions: str = option("all", f"rows the alignment compares: {POSITIONS_HELP}")
     debiased: bool = option(False, "debiased CKA estimator instead of the biased one")
     align_targets: str = option("paired", "teacher rows each student row aligns with: 'paired' (the same prompt) | "
@@ -53,6 +58,13 @@ class DistillConfig(Config):
     checkpoint_every: int = option(0, "write out_dir/checkpoint.pt every N steps (0 = off)")
     out_dir: str | None = option(None, "output directory (metrics.jsonl, manifest.json, student/); None = no files")
     use_cache: bool = option(True, "precompute the teacher's outputs once (out_dir/teacher_cache)")
+    iit_counterpart: str = option("corrupted", "IIT: the prompt each training prompt is interchanged with: "
+                                  "corrupted | other | same_answer | self")
+    iit_base: str = option("counterpart", "IIT base prompt: counterpart (the training prompt is the source) | train")
+    iit_positions: str = option("all", "where IIT intervenes: 'all' or task position names, comma-separated")
+    iit_pairs: str = option("one", "pairs IIT intervenes on per step: one (seeded choice) | all (jointly)")
+    iit_loss: str = option("kl", "IIT loss: kl (T^2 KL at temperature) | ce (on the teacher's intervened argmax)")
+    iit_lam: float = option(1.0, "weight of the IIT term: CE + KD + lam * align + iit_lam * IIT")
 
     def validate(self) -> None:
         """Check values (already coerced to their types); raise ``ConfigError`` saying what to change."""
@@ -88,6 +100,9 @@ class DistillConfig(Config):
         if not self.positions:
             raise ConfigError(f"positions must be {POSITIONS_HELP}")
         self.objective = get_objective(self.objective).name
+        for key, allowed in IIT_CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
 
     def check_train_size(self, n: int) -> None:
         """``ConfigError`` if a batch (``batch_size``) is larger than the ``n`` training examples: it would

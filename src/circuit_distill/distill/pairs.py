@@ -22,12 +22,12 @@ def choose_pairs(objective: Objective, component_map: ComponentMap | None, cfg: 
                  teacher=None, cache=None) -> ComponentMap | None:
     """The component map the run uses: ``component_map``, or for random-pairs objectives a seeded random
     map (seed ``cfg.seed``) of its student heads onto the teacher's heads (from ``teacher``, else the
-    heads held by the teacher ``cache``). ``ConfigError`` if an alignment objective or
+    heads held by the teacher ``cache``). ``ConfigError`` if an alignment or IIT objective or
     ``trainable="matched_heads"`` has no map."""
-    if component_map is None and (objective.uses_align or cfg.trainable == "matched_heads"):
+    if component_map is None and (objective.uses_pairs or cfg.trainable == "matched_heads"):
         raise ConfigError(f"objective {objective.name!r} with trainable={cfg.trainable!r} needs a component map "
                           "(student head -> teacher head); run discovery + matching or pass component_map")
-    if not (objective.uses_align and objective.pairs == "random"):
+    if not (objective.uses_pairs and objective.pairs == "random"):
         return component_map
     if teacher is not None:
         pool = teacher.components("head")

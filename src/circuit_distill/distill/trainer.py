@@ -1,9 +1,9 @@
 """Circuit-distillation trainer on ``accelerate`` (METHOD.md §1, §4).
 
 ``distill(student, train, teacher=..., component_map=..., config=...)`` trains the student's
-trainable subset on an objective (CE / KD / CKA alignment of matched heads), with seeded batches,
-evaluation, ``metrics.jsonl``, atomic checkpoints, bit-identical resume on CPU, a run manifest and
-the final student saved to ``out_dir/student``.
+trainable subset on an objective (CE / KD / CKA alignment / interchange interventions of matched
+heads, ``distill.iit``), with seeded batches, evaluation, ``metrics.jsonl``, atomic checkpoints,
+bit-identical resume on CPU, a run manifest and the final student saved to ``out_dir/student``.
 
 ``distill`` is a short loop over named steps, each a public function: the pairs
 (``pairs.choose_pairs``), the teacher source (``teacher.open_teacher_source``), the trainable subset
@@ -35,6 +35,7 @@ from ..tasks.positions import task_positions
 from .cache import TeacherCache
 from .config import DistillConfig
 from .features import Pair, alignment_features, pair_cka, shuffled_targets
+from .iit import iia_record, iit_outputs, prepare_interchanges
 from .objectives import Objective, get_objective, objective_loss
 from .pairs import choose_pairs
 from .state import (
@@ -113,6 +114,7 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
     task_positions(train, cfg.positions)  # validates the name early
     source = open_teacher_source(obj, cfg, train, sorted({t for _, t in pairs}), teacher=teacher, cache=cache,
                                  out=out, accelerator=acc)
+    prepare_interchanges(obj, cfg, source, pairs, acc)
     state = start_training(student, cfg, [s for s, _ in pairs], acc, out / CHECKPOINT if out is not None else None)
     if resume:
         restore_state(state, cfg, saved)
@@ -191,10 +193,13 @@ def train_micro_batch(state: TrainState, student, train: TaskData, idx: torch.Te
             s_feats, t_feats = alignment_features(cap, t_acts, b.attention_mask, pos, pairs, device)
         labels = (t_logits.argmax(-1) if cfg.labels == "teacher" and t_logits is not None
                   else train.answer_ids[idx].to(device))
+        s_iit, t_iit = (iit_outputs(student, state.model, train, idx, source, pairs, cfg, state.step, cap)
+                        if objective.uses_iit else (None, None))
         loss, parts = objective_loss(objective, student_logits=s_logits, labels=labels, teacher_logits=t_logits,
                                      student_feats=s_feats, teacher_feats=t_feats, lam=cfg.lam,
                                      temperature=cfg.temperature, debiased=cfg.debiased,
-                                     distributed=acc.num_processes > 1)
+                                     distributed=acc.num_processes > 1, student_iit_logits=s_iit,
+                                     teacher_iit_logits=t_iit, iit_lam=cfg.iit_lam, iit_loss=cfg.iit_loss)
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(
                 f"non-finite loss {float(loss.detach())} at step {state.step + 1} "
@@ -231,6 +236,8 @@ def eval_record(student, eval_sets: dict[str, TaskData], pairs: list[Pair], sour
     ckas = trained_pair_cka(student, eval_sets, pairs, source, cfg)
     if ckas:
         rec["eval/pair_cka"] = sum(ckas) / len(ckas)
+    if get_objective(cfg.objective).uses_iit:
+        rec.update(iia_record(student, eval_sets, pairs, source, cfg))
     return rec
 
 
@@ -249,6 +256,8 @@ def finish_run(state: TrainState, student, eval_sets: dict[str, TaskData], pairs
     rec = {"step": state.step, "final": True, **{f"eval/{k}/{m}": v for k, d in final.items() for m, v in d.items()}}
     if ckas:
         rec["eval/pair_cka"] = sum(ckas) / len(ckas)
+    if get_objective(cfg.objective).uses_iit:
+        rec.update(iia_record(student, eval_sets, pairs, source, cfg))
     state.history.append(rec)
     if out is not None and acc.is_main_process:
         with open(out / "metrics.jsonl", "a") as f:

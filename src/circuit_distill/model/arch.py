@@ -24,8 +24,9 @@ class FamilySpec:
     ``layers`` candidates are tried from the loaded (task-head) model; the other paths are
     relative to one block. ``qkv`` says how query/key/value weights are laid out:
     ``separate`` (``q_proj``/``k_proj``/``v_proj`` Linear, Llama-like), ``gpt2`` (one Conv1D
-    ``c_attn`` with q|k|v along the output dim, weight stored [in, out]) or ``neox`` (one Linear
-    whose output is laid out [head, (q, k, v), d_head]). ``o_conv1d`` marks a Conv1D output
+    ``c_attn`` with q|k|v along the output dim, weight stored [in, out]), ``fused`` (one Linear whose
+    output is q | k | v: ``n_heads`` query heads then ``n_kv_heads`` key and value groups, Phi-3's
+    ``qkv_proj``) or ``neox`` (one Linear whose output is laid out [head, (q, k, v), d_head]). ``o_conv1d`` marks a Conv1D output
     projection (weight [in, out]).
     """
 
@@ -60,6 +61,18 @@ register_family(FamilySpec("llama", ("llama",), **_LLAMA_LIKE))
 register_family(FamilySpec("mistral", ("mistral",), **_LLAMA_LIKE))
 register_family(FamilySpec("qwen2", ("qwen2",), **_LLAMA_LIKE))
 register_family(FamilySpec("qwen3", ("qwen3",), **_LLAMA_LIKE))
+# Gemma, Gemma 2 and Gemma 3 (text) keep Llama's paths; Gemma 2/3 add norms after attention and MLP
+# (outside the output projection) and Gemma 3 norms queries and keys per head, which leaves heads apart.
+register_family(FamilySpec("gemma", ("gemma",), **_LLAMA_LIKE))
+register_family(FamilySpec("gemma2", ("gemma2",), **_LLAMA_LIKE))
+register_family(FamilySpec("gemma3_text", ("gemma3_text",), **_LLAMA_LIKE))
+# OLMo 2 norms all queries together and all keys together (q_norm/k_norm over n_heads*d_head), so a
+# head's q or k slice moves every head; head outputs still add up through o_proj.
+register_family(FamilySpec("olmo2", ("olmo2",), **_LLAMA_LIKE))
+register_family(
+    FamilySpec("phi3", ("phi3",), **_LLAMA_LIKE, qkv="fused", q_proj="self_attn.qkv_proj",
+               k_proj="self_attn.qkv_proj", v_proj="self_attn.qkv_proj")
+)
 register_family(
     FamilySpec("gpt2", ("gpt2",), layers=("transformer.h", "h"), attn="attn", o_proj="attn.c_proj",
                mlp="mlp", qkv="gpt2", q_proj="attn.c_attn", k_proj="attn.c_attn", v_proj="attn.c_attn",
@@ -229,11 +242,13 @@ class Arch:
             q = sl(f.q_proj, "q", 0, head * dh, (head + 1) * dh)
             k = sl(f.k_proj, "k", 0, g * dh, (g + 1) * dh)
             v = sl(f.v_proj, "v", 0, g * dh, (g + 1) * dh)
-        elif f.qkv == "gpt2":  # Conv1D: weight [in, 3*d_model]; output = q | k | v
-            d = self.n_heads * dh
-            q = sl(f.q_proj, "q", 1, head * dh, (head + 1) * dh)
-            k = sl(f.k_proj, "k", 1, d + g * dh, d + (g + 1) * dh)
-            v = sl(f.v_proj, "v", 1, 2 * d + g * dh, 2 * d + (g + 1) * dh)
+        elif f.qkv in ("gpt2", "fused"):  # output = q | k | v (gpt2: Conv1D, weight [in, out])
+            dim = 1 if f.qkv == "gpt2" else 0
+            k0 = self.n_heads * dh
+            v0 = k0 + self.n_kv_heads * dh
+            q = sl(f.q_proj, "q", dim, head * dh, (head + 1) * dh)
+            k = sl(f.k_proj, "k", dim, k0 + g * dh, k0 + (g + 1) * dh)
+            v = sl(f.v_proj, "v", dim, v0 + g * dh, v0 + (g + 1) * dh)
         elif f.qkv == "neox":  # Linear: output laid out [head, (q, k, v), d_head]
             s = head * 3 * dh
             q = sl(f.q_proj, "q", 0, s, s + dh)

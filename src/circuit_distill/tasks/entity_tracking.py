@@ -29,6 +29,7 @@ from ..errors import TaskError
 from .base import TaskData
 from .build import Example, build_task_data
 from .registry import register_task
+from .words import fitted_pool
 
 OBJECTS: tuple[str, ...] = (
     "magnet", "eggnog", "bell", "apple", "book", "clock", "coin", "drum", "fan", "glove",
@@ -152,7 +153,9 @@ def entity_tracking(tokenizer, n: int, *, seed: int = 0, n_boxes: int | str | tu
                     first_token: bool = False, padding_side: str = "right") -> TaskData:
     """``n`` entity-tracking prompts; ``n_boxes`` is an int or an inclusive range (``(2, 7)``, ``"2-7"``).
 
-    ``split="train"``/``"test"`` draws objects and labels from disjoint halves of the pools.
+    ``split="train"``/``"test"`` draws objects and labels from disjoint halves of the pools. The
+    built-in objects are narrowed to those the tokenizer keeps whole (``tasks.words``; how many are
+    left is ``options["word_pools"]``); ``objects=`` is used as given.
     ``n_reference`` mean-ablation prompts (default ``n``) come from an independent stream.
     """
     lo, hi = parse_boxes(n_boxes)
@@ -168,6 +171,10 @@ def entity_tracking(tokenizer, n: int, *, seed: int = 0, n_boxes: int | str | tu
         raise TaskError(f"n_removes={n_removes} would leave fewer than 2 filled boxes at {lo} boxes "
                         "(query corruption needs two); lower n_removes or raise the minimum of n_boxes")
     need_objs = hi * (2 if corruption == "objects" else 1)
+    if not objects:  # the built-in objects, narrowed to the answers this tokenizer keeps whole
+        objs = fitted_pool(tokenizer, objs, task="entity_tracking", kind="objects", need=need_objs,
+                           context="Box B contains the", first_token=first_token,
+                           hint=f"Pass objects= words it keeps whole or fewer boxes ({hi} boxes need {need_objs}).")
     if need_objs > len(objs):
         raise TaskError(f"{hi} boxes need {need_objs} distinct objects (corruption={corruption!r}) but the "
                         f"pool has {len(objs)}; pass more objects or fewer boxes")
@@ -211,6 +218,6 @@ def entity_tracking(tokenizer, n: int, *, seed: int = 0, n_boxes: int | str | tu
         world = _sample_world(ref_rng, ref_rng.randint(lo, hi), n_moves, n_removes, objs, labs)
         reference.append(render(world, ref_rng.choice(sorted(world.contents())))[0])
     options = {"n_boxes": [lo, hi], "corruption": corruption, "n_moves": n_moves, "n_removes": n_removes,
-               "split": split}
+               "split": split, "word_pools": {"objects": len(objs)}}
     return build_task_data("entity_tracking", tokenizer, examples, reference, first_token=first_token,
                            padding_side=padding_side, options=options)

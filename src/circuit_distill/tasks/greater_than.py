@@ -25,6 +25,7 @@ from ..errors import TaskError
 from .base import TaskData
 from .build import Example, build_task_data
 from .registry import register_task
+from .words import whole_words
 
 NOUNS: tuple[str, ...] = ("war", "expedition", "drought", "famine", "reign", "project", "contract", "journey",
                           "strike", "siege", "voyage", "dynasty")
@@ -57,23 +58,42 @@ def _prompt(noun: str, cc: int, yy: int, joined: bool) -> tuple[str, dict[str, i
     return text, {"start_century": s, "start_yy": s + (2 if joined else 3), "end_century": len(text) - 2}
 
 
-def _example(rng: random.Random, joined: bool) -> Example:
-    noun, cc, yy = rng.choice(NOUNS), rng.choice(CENTURIES), rng.randint(2, 98)
+def _example(rng: random.Random, joined: bool, whole: set[int] | None = None) -> Example:
+    ok = (lambda y: True) if whole is None else whole.__contains__
+    noun, cc = rng.choice(NOUNS), rng.choice(CENTURIES)
+    starts = [y for y in range(2, 99) if whole is None or (min(whole) < y < max(whole))]
+    yy = starts[rng.randint(0, len(starts) - 1)]
     prompt, pos = _prompt(noun, cc, yy, joined)
     c_prompt, c_pos = _prompt(noun, cc, 1, joined)
     sep = "" if joined else " "
-    good, bad = rng.randint(yy + 1, 99), rng.randint(0, yy - 1)
+    above, below = [y for y in range(yy + 1, 100) if ok(y)], [y for y in range(yy) if ok(y)]
+    good, bad = above[rng.randint(0, len(above) - 1)], below[rng.randint(0, len(below) - 1)]
     return Example(prompt=prompt, answer=f"{sep}{good:02d}", wrong_answer=f"{sep}{bad:02d}",
                    corrupted_prompt=c_prompt, positions=pos, corrupted_positions=c_pos,
                    metadata={"noun": noun, "century": cc, "start_yy": yy, "answer_yy": good, "wrong_yy": bad,
                              "year_format": "joined" if joined else "split", "corrupted_prompt": c_prompt})
 
 
+def whole_endings(tokenizer, joined: bool) -> set[int]:
+    """The two-digit endings ``00 .. 99`` the tokenizer keeps whole after "to the year 17"; a
+    ``TaskError`` when no start year has one above and one below it."""
+    endings = [f"{y:02d}" for y in range(100)]
+    context = _prompt(NOUNS[0], 17, 32, joined)[0]
+    whole = {int(w) for w in whole_words(tokenizer, endings, context=context, prefix="" if joined else " ")}
+    if len(whole) < 2 or max(whole) - min(whole) < 2:
+        raise TaskError(f"greater_than: only {len(whole)} of the 100 two-digit endings are single tokens for this "
+                        f"tokenizer after {context[-16:]!r} (it splits numbers into digits); the task needs a "
+                        "tokenizer that keeps two-digit numbers whole (GPT-2's does), or pass first_token=True "
+                        "to score the first token only")
+    return whole
+
+
 @register_task("greater_than", vocabulary=vocabulary)
 def greater_than(tokenizer, n: int, *, seed: int = 0, year_format: str = "auto",
                  first_token: bool = False,
                  n_reference: int | None = None, padding_side: str = "right") -> TaskData:
-    """``n`` greater-than prompts (see the module docstring).
+    """``n`` greater-than prompts (see the module docstring). Answers and wrong answers are drawn from
+    the two-digit endings the tokenizer keeps whole (``options["word_pools"]``).
 
     ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
     examples; ``padding_side`` is ``"right"`` or ``"left"``.
@@ -81,13 +101,15 @@ def greater_than(tokenizer, n: int, *, seed: int = 0, year_format: str = "auto",
     if year_format not in FORMATS:
         raise TaskError(f"greater_than: year_format must be one of {FORMATS}, got {year_format!r}")
     joined = _splits_years(tokenizer) if year_format == "auto" else year_format == "joined"
+    whole = None if first_token else whole_endings(tokenizer, joined)
     rng = random.Random(seed)
-    examples = [_example(rng, joined) for _ in range(n)]
+    examples = [_example(rng, joined, whole) for _ in range(n)]
     if n_reference is not None and n_reference < 1:
         raise TaskError(f"greater_than: n_reference must be >= 1, got {n_reference}")
     rng = random.Random(f"reference:{seed}")  # an independent stream: clean data does not depend on it
-    reference = [_example(rng, joined).prompt for _ in range(n_reference or n)]
+    reference = [_example(rng, joined, whole).prompt for _ in range(n_reference or n)]
     return build_task_data("greater_than", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"year_format": "joined" if joined else "split", "first_token": first_token,
                                     "n_reference": n_reference,
-                                    "padding_side": padding_side, "seed": seed})
+                                    "padding_side": padding_side, "seed": seed,
+                                    "word_pools": {"endings": 100 if whole is None else len(whole)}})

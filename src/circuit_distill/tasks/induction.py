@@ -32,6 +32,7 @@ from ..model.tokenizer import numbered_vocabulary
 from .base import TaskData
 from .build import Example, build_task_data
 from .registry import register_task
+from .words import fitted_pool
 
 CORRUPTIONS = ("answer", "segment")
 SPLITS = ("train", "test")
@@ -129,7 +130,8 @@ def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None
     ``words`` is the word pool (default ``numbered_vocabulary(vocab_size)``: ``w0 .. wK``, which a
     ``word_level_tokenizer`` over the same list keeps whole), or ``"from_tokenizer"``: the first
     ``vocab_size`` alphabetic words the tokenizer keeps whole after a space (for BPE tokenizers,
-    which split ``w17``); ``segment_len`` an int or an
+    which split ``w17``; the numbered default is narrowed to the words the tokenizer keeps whole,
+    ``options["word_pools"]``); ``segment_len`` an int or an
     inclusive ``(min, max)`` range; ``split`` ``"train"``/``"test"`` uses disjoint halves of the
     pool; ``first_token`` scores only the first token of multi-token answers.
 
@@ -157,6 +159,10 @@ def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None
             raise TaskError(f"induction: {len(unknown)} of {len(pool)} words are unknown to the tokenizer "
                             f"(e.g. {unknown[:3]}); pass vocab_size= matching the tokenizer's numbered "
                             "vocabulary, or words= it covers, or words='from_tokenizer'")
+    if words is None:  # the numbered words, narrowed to those this tokenizer keeps whole
+        pool = fitted_pool(tokenizer, pool, task="induction", kind="numbered words", need=seg_max + 4,
+                           context=" the", first_token=first_token,
+                           hint="Pass words='from_tokenizer' (words it keeps whole) or words= of your own.")
     rng = random.Random(seed)
     examples = [_example(rng, pool, seq_len, seg_min, seg_max, corruption) for _ in range(n)]
     if n_reference is not None and n_reference < 1:
@@ -167,4 +173,5 @@ def induction(tokenizer, n: int, *, seed: int = 0, words: list[str] | str | None
                            options={"words": words, "vocab_size": vocab_size, "seq_len": seq_len,
                                     "segment_len": segment_len, "corruption": corruption, "split": split,
                                     "first_token": first_token, "n_reference": n_reference,
-                                    "padding_side": padding_side, "seed": seed})
+                                    "padding_side": padding_side, "seed": seed,
+                                    "word_pools": {"words": len(pool)}})

@@ -22,6 +22,7 @@ from ..errors import TaskError
 from .base import TaskData
 from .build import Example, build_task_data
 from .registry import register_task
+from .words import fitted_pool
 
 NAMES: tuple[str, ...] = (
     "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Anna", "Paul", "Kate", "Mark",
@@ -112,7 +113,9 @@ def ioi(tokenizer, n: int, *, seed: int = 0, order: str = "mixed", corruption: s
 
     ``names`` replaces the built-in name list (each must be one token with a leading space for the
     tokenizer); ``split`` ``"train"``/``"test"`` draws names, places and objects from disjoint
-    halves of the lists; ``first_token`` scores only the first token of multi-token answers.
+    halves of the lists; ``first_token`` scores only the first token of multi-token answers. The
+    built-in names are narrowed to those the tokenizer keeps whole (``tasks.words``,
+    ``options["word_pools"]``).
 
     ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
     examples; ``padding_side`` is ``"right"`` or ``"left"``.
@@ -122,6 +125,9 @@ def ioi(tokenizer, n: int, *, seed: int = 0, order: str = "mixed", corruption: s
     if corruption not in CORRUPTIONS:
         raise TaskError(f"ioi: corruption must be one of {CORRUPTIONS}, got {corruption!r}")
     pool = _pool(names or NAMES, split)
+    if not names:  # the built-in names, narrowed to the answers this tokenizer keeps whole
+        pool = fitted_pool(tokenizer, pool, task="ioi", kind="names", need=5, context="gave a drink to",
+                           first_token=first_token, hint="Pass names= it keeps whole.")
     if len(set(pool)) < 5:
         raise TaskError(f"ioi: need at least 5 distinct names, got {len(set(pool))}")
     places, objects = _pool(PLACES, split), _pool(OBJECTS, split)
@@ -134,4 +140,5 @@ def ioi(tokenizer, n: int, *, seed: int = 0, order: str = "mixed", corruption: s
     return build_task_data("ioi", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"order": order, "corruption": corruption, "names": names, "split": split,
                                     "first_token": first_token, "n_reference": n_reference,
-                                    "padding_side": padding_side, "seed": seed})
+                                    "padding_side": padding_side, "seed": seed,
+                                    "word_pools": {"names": len(pool)}})

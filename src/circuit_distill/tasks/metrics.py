@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.logits import answer_logits
 from .base import Batch, TaskData
 
 METRICS = ("answer_prob", "accuracy", "logit_diff")
@@ -43,7 +44,8 @@ def summarise(values: dict[str, torch.Tensor]) -> dict[str, float]:
 @torch.no_grad()
 def batched_final_logits(model, batch: Batch, positions: torch.Tensor, *, batch_size: int = 64,
                          progress: bool | None = None, desc: str = "evaluate") -> torch.Tensor:
-    """Run ``model`` over ``batch`` in chunks and return ``[n, vocab]`` logits at ``positions``."""
+    """Run ``model`` over ``batch`` in chunks and return ``[n, vocab]`` logits at ``positions`` (the
+    unembedding runs at those positions only, see ``model.logits.answer_logits``)."""
     from tqdm.auto import tqdm
 
     n = len(batch)
@@ -52,8 +54,8 @@ def batched_final_logits(model, batch: Batch, positions: torch.Tensor, *, batch_
     outs = []
     for s in tqdm(chunks, desc=desc, disable=not show, leave=False):
         b = batch.subset(slice(s, s + batch_size)).to(model.device)
-        logits = model(b.input_ids, b.attention_mask)
-        outs.append(final_logits(logits, positions[s:s + batch_size]).float().cpu())
+        logits = answer_logits(model, b.input_ids, b.attention_mask, positions[s:s + batch_size])
+        outs.append(logits.float().cpu())
     return torch.cat(outs)
 
 
@@ -61,6 +63,6 @@ def evaluate(model, task_data: TaskData, *, batch_size: int = 64, progress: bool
              position: str = "last") -> dict[str, float]:
     """Mean ``accuracy``, ``answer_prob`` and ``logit_diff`` of ``model`` on ``task_data``'s clean
     prompts, predicting the answer at named position ``position`` (default the last token)."""
-    logits = batched_final_logits(model, task_data.clean, task_data.positions[position],
+    logits = batched_final_logits(model, task_data.clean, task_data.position(position),
                                   batch_size=batch_size, progress=progress)
     return summarise(per_example(logits, task_data.answer_ids, task_data.wrong_ids))

@@ -20,6 +20,7 @@ from ..errors import TaskError
 from .base import TaskData
 from .build import Example, build_task_data
 from .registry import register_task
+from .words import whole_words
 
 WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -57,11 +58,19 @@ def _seq(start: int, k: int, step: int, style: str) -> tuple[str, dict[str, int]
     return "".join(" " + t for t in terms), {"first": starts[0], "prev": starts[-2]}, " " + terms[-1]
 
 
-def _example(rng: random.Random, style: str, top: int, lo: int, hi: int, step: int) -> Example:
+def _starts(top: int, span: int, step: int, whole: set[int] | None) -> list[int]:
+    """Starts whose answer (``start + span``) and wrong answer (the last term) are single tokens."""
+    return [s for s in range(0, top - span + 1)
+            if whole is None or (s + span in whole and s + span - step in whole)]
+
+
+def _example(rng: random.Random, style: str, top: int, lo: int, hi: int, step: int,
+             whole: set[int] | None = None) -> Example:
     k = rng.randint(lo, hi)
     span = k * step  # the answer is start + k * step
-    start = rng.randint(0, top - span)
-    c_start = rng.choice([s for s in range(0, top - span + 1) if s != start])
+    starts = _starts(top, span, step, whole)
+    start = starts[rng.randint(0, len(starts) - 1)]
+    c_start = rng.choice([s for s in starts if s != start])
     prompt, pos, last = _seq(start, k, step, style)
     c_prompt, c_pos, _ = _seq(c_start, k, step, style)
     return Example(prompt=prompt, answer=" " + _say(start + span, style), wrong_answer=last,
@@ -71,12 +80,29 @@ def _example(rng: random.Random, style: str, top: int, lo: int, hi: int, step: i
                              "corrupted_start": c_start, "corrupted_prompt": c_prompt})
 
 
+def whole_numbers(tokenizer, style: str, top: int, lo: int, hi: int, step: int) -> set[int]:
+    """The numbers ``0 .. top`` the tokenizer keeps whole after a space; a ``TaskError`` when some
+    sequence length leaves fewer than two starts whose answer and wrong answer both are."""
+    said = [_say(v, style) for v in range(top + 1)]
+    context = "".join(" " + _say(v, style) for v in (1, 2, 3))
+    whole = {said.index(w) for w in whole_words(tokenizer, said, context=context)}
+    short = [k for k in range(lo, hi + 1) if len(_starts(top, k * step, step, whole)) < 2]
+    if short:
+        split = [repr(" " + w) for v, w in enumerate(said) if v not in whole][:3]
+        raise TaskError(f"numerals: only {len(whole)} of the numbers 0..{top} ({style}) are single tokens for this "
+                        f"tokenizer (it splits e.g. {', '.join(split)}), too few for {short[0]} terms with step "
+                        f"{step}. Try style='words', or pass first_token=True to score the first token only")
+    return whole
+
+
 @register_task("numerals", vocabulary=vocabulary)
 def numerals(tokenizer, n: int, *, seed: int = 0, style: str = "digits", length: int | tuple[int, int] = (3, 6),
              step: int = 1, max_value: int | None = None, first_token: bool = False,
              n_reference: int | None = None, padding_side: str = "right") -> TaskData:
     """``n`` sequence-continuation prompts (see the module docstring). Numbers stay within
-    ``0 .. max_value`` (default 99 for digits, 20 for words).
+    ``0 .. max_value`` (default 99 for digits, 20 for words). Answers (and wrong answers) are drawn
+    from the numbers the tokenizer keeps whole after a space (``options["word_pools"]``; real
+    tokenizers that split digits leave none above 9 and want ``style="words"``).
 
     ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
     examples; ``padding_side`` is ``"right"`` or ``"left"``.
@@ -90,13 +116,15 @@ def numerals(tokenizer, n: int, *, seed: int = 0, style: str = "digits", length:
     if hi * step > top - 1:
         raise TaskError(f"numerals: {hi} terms with step {step} do not fit in 0..{top} with two distinct starts; "
                         "use fewer terms, a smaller step or a larger max_value")
+    whole = None if first_token else whole_numbers(tokenizer, style, top, lo, hi, step)
     rng = random.Random(seed)
-    examples = [_example(rng, style, top, lo, hi, step) for _ in range(n)]
+    examples = [_example(rng, style, top, lo, hi, step, whole) for _ in range(n)]
     if n_reference is not None and n_reference < 1:
         raise TaskError(f"numerals: n_reference must be >= 1, got {n_reference}")
     rng = random.Random(f"reference:{seed}")  # an independent stream: clean data does not depend on it
-    reference = [_example(rng, style, top, lo, hi, step).prompt for _ in range(n_reference or n)]
+    reference = [_example(rng, style, top, lo, hi, step, whole).prompt for _ in range(n_reference or n)]
     return build_task_data("numerals", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"style": style, "length": length, "step": step, "max_value": max_value,
                                     "first_token": first_token, "n_reference": n_reference,
-                                    "padding_side": padding_side, "seed": seed})
+                                    "padding_side": padding_side, "seed": seed,
+                                    "word_pools": {"numbers": top + 1 if whole is None else len(whole)}})

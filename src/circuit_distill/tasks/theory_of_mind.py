@@ -35,6 +35,7 @@ from ..errors import TaskError
 from .base import TaskData
 from .build import Example, build_task_data
 from .registry import register_task
+from .words import fitted_pool
 
 CHARACTERS: tuple[str, ...] = ("Bob", "Carla", "Alice", "David", "Emma", "Frank", "Grace", "Henry", "Jack",
                                "Kate", "Liam", "Mia", "Noah", "Sara", "Paul", "Anna")
@@ -154,7 +155,8 @@ def theory_of_mind(tokenizer, n: int, *, seed: int = 0, cases: list[str] | tuple
 
     ``cases`` is a subset of ``("true_belief", "false_belief", "unknown")`` (or one of them, or a
     comma-separated string); ``split`` ``"train"``/``"test"`` draws characters, containers, drinks
-    and places from disjoint halves; ``first_token`` scores only the first token of answers.
+    and places from disjoint halves; ``first_token`` scores only the first token of answers. The drinks
+    (answers) are narrowed to those the tokenizer keeps whole (``tasks.words``, ``options["word_pools"]``).
 
     ``n_reference`` mean-ablation prompts (default ``n``) come from a stream independent of the
     examples; ``padding_side`` is ``"right"`` or ``"left"``.
@@ -168,6 +170,8 @@ def theory_of_mind(tokenizer, n: int, *, seed: int = 0, cases: list[str] | tuple
     if corruption not in CORRUPTIONS:
         raise TaskError(f"theory_of_mind: corruption must be one of {CORRUPTIONS}, got {corruption!r}")
     pools = [_pool(x, split) for x in (CHARACTERS, CONTAINERS, DRINKS, PLACES)]
+    pools[2] = fitted_pool(tokenizer, pools[2], task="theory_of_mind", kind="drinks", need=6, context="Answer:",
+                           first_token=first_token, hint="Use split=None for the full list.")
     rng = random.Random(seed)
     examples = [_example(rng, cases, *pools, corruption) for _ in range(n)]
     if n_reference is not None and n_reference < 1:
@@ -177,4 +181,5 @@ def theory_of_mind(tokenizer, n: int, *, seed: int = 0, cases: list[str] | tuple
     return build_task_data("theory_of_mind", tokenizer, examples, reference, first_token=first_token, padding_side=padding_side,
                            options={"cases": cases, "corruption": corruption, "split": split,
                                     "first_token": first_token, "n_reference": n_reference,
-                                    "padding_side": padding_side, "seed": seed})
+                                    "padding_side": padding_side, "seed": seed,
+                                    "word_pools": {"drinks": len(pools[2])}})
