@@ -280,8 +280,18 @@ def test_runner_loop_skips_finished_and_claimed_runs_and_summarises(tmp_path, mo
     done.clear()
     assert study_runner.work(cfg, out) == 1 and done == ["w.matched_heads.all.ce+align_cka.s0"]  # ... and runs only it
     assert study_runner.work(cfg, out) == 0
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match=r"other settings \(differs in: steps\)"):
         study_runner.prepare_out(out, StudyConfig(**{**cfg.to_dict(), "steps": 7}), overwrite=False)
+    with pytest.raises(ConfigError, match=r"differs in: students.w"):
+        study_runner.prepare_out(out, StudyConfig(**{**cfg.to_dict(), "students": {"w": "other"}}), overwrite=False)
+    # the grid's extent may change: one more seed runs 9 more runs, fewer rows keep the runs on disk
+    more = StudyConfig(**{**cfg.to_dict(), "seeds": [0, 1, 2, 3], "n_boot": 100})
+    study_runner.prepare_out(out, more, overwrite=False)
+    done.clear()
+    assert study_runner.work(more, out) == 9 and all(i.endswith(".s3") for i in done)
+    fewer = StudyConfig(**{**cfg.to_dict(), "rows": ["ce", "ce+align_cka"]})
+    study_runner.prepare_out(out, fewer, overwrite=False)
+    assert len(finished(out, fewer)) == 3 * 3 and len(finished(out)) == 4 * 9
 
     before = {"w": {"alignment": 0.5, "n_carry_80": 3, "n_over_20": 1,
                     "role@ablation": {"role": 0.6, "attention": 0.5, "effect": 0.5}}}

@@ -52,6 +52,10 @@ FIXED_ROWS = {
     "ce+shuffled_cka": Row("ce+shuffled_cka", "ce+align_cka", "shuffled", align_targets="shuffled"),
     "ce+untrained_cka": Row("ce+untrained_cka", "ce+align_cka", "untrained", teacher="untrained"),
 }
+# settings that choose which runs the grid holds, and settings of the analysis only: changing them keeps
+# every finished run valid (a rerun with more seeds or fewer rows continues), unlike every other setting
+GRID_KEYS = ("students", "trainable", "positions", "rows", "row_positions", "seeds")
+ANALYSIS_KEYS = ("n_boot", "ci_level", "goal_margin", "goal_trained_fraction", "threads")
 SCOPES = {"matched_heads": ("matched_heads", False), "matched_heads+kv": ("matched_heads", True),
           "attention": ("attention", False), "all": ("all", False)}
 
@@ -138,6 +142,10 @@ class StudyConfig(Config):
             raise ConfigError(f"ci_level must be in (0, 1), got {self.ci_level}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds repeat: {self.seeds}")
+
+    def run_settings(self) -> dict:
+        """The settings every run depends on: all but ``GRID_KEYS`` and ``ANALYSIS_KEYS``."""
+        return {k: v for k, v in self.to_dict().items() if k not in GRID_KEYS + ANALYSIS_KEYS}
 
     def row_specs(self) -> dict[str, Row]:
         """Row name -> ``Row``, ``ce`` first (every gain is measured over it)."""

@@ -44,11 +44,12 @@ def run_workers(cfg: StudyConfig, out: Path, jobs: int, bar, log) -> None:
         with open(path, "w") as f:
             procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
     log(f"{jobs} workers ({worker_threads(cfg, jobs)} threads each); logs in {out}/worker-*.log")
-    seen = len(finished(out))
+    ids = {k.id for k in study_runs(cfg)}
+    seen = len(finished(out, cfg))
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(2.0)
-            now = len(list((out / RUNS).glob("*.json")))
+            now = sum(p.stem in ids for p in (out / RUNS).glob("*.json"))
             bar.update(now - seen)
             seen = now
             failed = [k for k, p in enumerate(procs) if p.poll() not in (None, 0)]
@@ -86,7 +87,7 @@ def write_results(cfg: StudyConfig, out: Path, ctx: StudyContext | None = None, 
     """Summarise every finished run of ``out`` into ``results.json`` and ``report.html``; return the results.
     ``ConfigError`` if ``out`` holds runs of other settings."""
     check_settings(out, cfg)
-    runs = finished(out)
+    runs = finished(out, cfg)
     ctx = ctx or StudyContext(cfg, log)
     before = {w: ctx.student(w).before for w in cfg.students}
     cells = summarise_study(cfg, runs, before)
@@ -117,7 +118,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, *, jobs: int = 1, overwr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepare_out(out, cfg, overwrite)
-    total, done = len(study_runs(cfg)), len(finished(out))
+    total, done = len(study_runs(cfg)), len(finished(out, cfg))
     if done:
         log(f"continuing: {done} finished runs in {out / RUNS} are kept, {total - done} to go")
     bar = tqdm(total=total, initial=done, desc="study runs", disable=not progress, smoothing=0.05)

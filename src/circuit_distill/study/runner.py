@@ -1,7 +1,8 @@
 """The study's runner: distil one run (``run_one``) and the whole grid (``run_study``), every run saved as it
 finishes (``runs/<run id>.json``, written atomically), so a rerun of the same study skips the runs already
-there and an interrupted one loses at most the runs under way. A directory holding runs of other settings
-is refused unless ``overwrite=True``. ``jobs > 1`` runs that many worker processes, which take runs from the
+there and an interrupted one loses at most the runs under way. A directory holding runs made with other run
+settings is refused unless ``overwrite=True``; the grid's extent (more seeds, fewer rows, ...) may change,
+every finished run stays valid. ``jobs > 1`` runs that many worker processes, which take runs from the
 same list (a run is claimed by creating ``runs/<run id>.claim``)."""
 
 from __future__ import annotations
@@ -99,30 +100,36 @@ def run_one(ctx: StudyContext, key: RunKey) -> dict:
 
 
 def check_settings(out: Path, cfg: StudyConfig) -> bool:
-    """True if ``out`` holds runs; ``ConfigError`` if they are runs of other settings than ``cfg``'s."""
+    """True if ``out`` holds runs; ``ConfigError`` if they were made with other run settings than ``cfg``'s
+    (``StudyConfig.run_settings``) or another model for one of ``cfg``'s warmth levels. The grid's extent
+    (seeds, rows, scopes, positions, warmth levels) and the analysis settings may change: the runs stay valid."""
     runs, settings = out / RUNS, out / SETTINGS
     if not (runs.is_dir() and any(runs.glob("*.json"))):
         return False
+    saved = json.loads(settings.read_text()) if settings.exists() else {}
     now = json.loads(json.dumps(cfg.to_dict()))
-    saved = json.loads(settings.read_text()) if settings.exists() else None
-    if saved != now:
-        diff = sorted(k for k in now if saved is None or saved.get(k) != now[k])
-        raise ConfigError(f"{out} holds runs of a study with other settings (differs in: {', '.join(diff) or 'unknown'}); "
+    diff = sorted(k for k in cfg.run_settings() if saved.get(k) != now[k])
+    diff += [f"students.{w}" for w, m in now["students"].items() if saved.get("students", {}).get(w, m) != m]
+    if diff:
+        raise ConfigError(f"{out} holds runs of a study with other settings (differs in: {', '.join(diff)}); "
                           "rerun with the same settings to continue, pass --overwrite to start again, or use another --out")
     return True
 
 
 def prepare_out(out: Path, cfg: StudyConfig, overwrite: bool) -> None:
-    """Make ``out`` ready: with ``overwrite`` (or without runs) write the settings and remove earlier runs
-    and results; else check the settings are those of the runs there (``check_settings``). Clears the claims
-    an interrupted run left."""
+    """Make ``out`` ready: with ``overwrite`` (or without runs) remove earlier runs and results, else check the
+    settings suit the runs there (``check_settings``); write the settings; clear the claims an interrupted
+    run left."""
     runs = out / RUNS
     if overwrite or not check_settings(out, cfg):
         if runs.is_dir():
             shutil.rmtree(runs)
         for stale in ("results.json", "report.html"):
             (out / stale).unlink(missing_ok=True)
-        atomic_write_json(out / SETTINGS, cfg.to_dict())
+    settings = cfg.to_dict()  # (the grid's extent may have changed; every warmth level's model stays recorded)
+    if (out / SETTINGS).exists() and not overwrite:
+        settings["students"] = {**json.loads((out / SETTINGS).read_text()).get("students", {}), **cfg.students}
+    atomic_write_json(out / SETTINGS, settings)
     runs.mkdir(parents=True, exist_ok=True)
     for stale_claim in runs.glob("*" + CLAIM):
         stale_claim.unlink(missing_ok=True)
@@ -165,6 +172,8 @@ def work(cfg: StudyConfig, out: Path, *, ctx: StudyContext | None = None, log=pr
     return n
 
 
-def finished(out: Path) -> dict[str, dict]:
-    """Run id -> record of every run saved in ``out/runs``."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / RUNS).glob("*.json"))}
+def finished(out: Path, cfg: StudyConfig | None = None) -> dict[str, dict]:
+    """Run id -> record of every run saved in ``out/runs`` (of ``cfg``'s grid only, if given)."""
+    ids = None if cfg is None else {k.id for k in study_runs(cfg)}
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / RUNS).glob("*.json"))
+            if ids is None or p.stem in ids}
