@@ -23,6 +23,7 @@ STAGES: list[tuple[str, ...]] = [
     ("distill",),
     ("analysis",),
     ("training",),
+    ("study",),
     ("demo",),
     ("commands", "cli"),
 ]

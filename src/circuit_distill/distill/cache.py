@@ -139,6 +139,15 @@ class TeacherCache:
         comps = self.components if components is None else components
         return {c: self._t[str(c)][idx] for c in comps}, self._t["logits"][idx]
 
+    def with_logits_of(self, other: TeacherCache) -> TeacherCache:
+        """This cache's activations with ``other``'s answer logits (a cache of the same rows): the
+        untrained-teacher control aligns with one teacher's activations and takes its CE labels and KD
+        targets from the trained teacher. In memory only (``path`` None)."""
+        if len(other) != len(self) or not torch.equal(other.mask, self.mask):
+            raise ConfigError("with_logits_of needs two caches of the same training rows; build both on one set")
+        index = {**self.index, "teacher": f"{self.index.get('teacher', '')} (logits: {other.index.get('teacher', '')})"}
+        return TeacherCache(index, {**self._t, "logits": other.rows(torch.arange(len(other)), [])[1]})
+
     @property
     def mask(self) -> torch.Tensor:
         """Attention mask of the cached rows ``[n, seq]``."""

@@ -38,6 +38,8 @@ class DistillConfig(Config):
     temperature: float = option(1.0, "softmax temperature of KD and of the IIT KL")
     positions: str = option("all", f"rows the alignment compares: {POSITIONS_HELP}")
     debiased: bool = option(False, "debiased CKA estimator instead of the biased one")
+    align_targets: str = option("paired", "teacher rows each student row aligns with: 'paired' (the same prompt) | "
+                                "'shuffled' (another prompt of the batch, same length: the shuffled-example control)")
     labels: str = option("teacher", "CE labels: 'teacher' (teacher argmax) | 'gold'")
     matching: str = option("ablation", f"matcher of the distill command: {' | '.join(MATCHINGS)}")
     component_map: str | None = option(None, "JSON component map to use instead of discovery + matching")
@@ -72,6 +74,10 @@ class DistillConfig(Config):
             raise ConfigError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.align_targets not in ("paired", "shuffled"):
+            raise ConfigError(f"align_targets must be 'paired' or 'shuffled', got {self.align_targets!r}")
+        if self.align_targets == "shuffled" and self.batch_size < 2:
+            raise ConfigError("align_targets='shuffled' needs batch_size >= 2 (another prompt of the batch)")
         if self.trainable not in SUBSETS:
             raise ConfigError(f"trainable must be one of {', '.join(SUBSETS)}, got {self.trainable!r}")
         if self.matching not in MATCHINGS:

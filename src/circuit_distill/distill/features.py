@@ -3,6 +3,10 @@ and ``pair_cka``, the CKA of each pair measured on a task.
 
 Rows follow ``circuit_distill.tasks.positions.select_rows``: with ``positions == "all"`` every real
 (non-padding) token in row-major order, else one row per prompt at the named position.
+
+The shuffled-example control (``DistillConfig.align_targets == "shuffled"``) hands each prompt the teacher's
+rows of another prompt of the batch with the same length (``shuffled_targets``): the same token kinds and
+the same statistics, no per-example correspondence.
 """
 
 from __future__ import annotations
@@ -68,6 +72,35 @@ def alignment_features(student_acts, teacher_acts: dict[Component, torch.Tensor]
     s_feats = [select_rows(student_acts[s], attention_mask, positions) for s, _ in pairs]
     t_feats = [as_rows(teacher_acts[t].to(device), attention_mask, positions) for _, t in pairs]
     return s_feats, t_feats
+
+
+def shuffled_partners(attention_mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """For each prompt of a batch (``attention_mask [batch, seq]``), the index ``[batch]`` of another prompt
+    of the batch with as many real tokens: a seeded random cycle through each group of equal lengths, so no
+    prompt is its own partner. A prompt whose length no other prompt of the batch has takes a seeded random
+    other prompt (its rows past the partner's length then hold the partner's padding)."""
+    n = attention_mask.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    lengths = attention_mask.detach().long().sum(1).cpu()
+    partners = torch.arange(n)
+    for length in lengths.unique().tolist():
+        members = (lengths == length).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        partners[members] = members.roll(-1)  # i -> the next of the cycle
+    for i in (partners == torch.arange(n)).nonzero().flatten().tolist():
+        if n > 1:  # alone in its length group
+            j = int(torch.randint(n - 1, (1,), generator=g))
+            partners[i] = j + (j >= i)
+    return partners
+
+
+def shuffled_targets(teacher_acts: dict[Component, torch.Tensor], attention_mask: torch.Tensor,
+                     seed: int) -> dict[Component, torch.Tensor]:
+    """The shuffled-example control: each teacher head's activations of the batch (``[batch, seq, d_head]``,
+    or selected rows ``[batch, d_head]``) reordered so that prompt ``i`` gets those of its
+    ``shuffled_partners`` prompt."""
+    partners = shuffled_partners(attention_mask, seed)
+    return {c: a.index_select(0, partners.to(a.device)) for c, a in teacher_acts.items()}
 
 
 @torch.no_grad()

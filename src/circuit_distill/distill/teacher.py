@@ -2,11 +2,12 @@
 
 ``open_teacher_source`` decides once per run (building the cache if ``use_cache`` asks for one);
 ``TeacherSource.outputs(idx)`` then serves the teacher's head activations and answer logits of the
-training rows ``idx``, the same either way.
+training rows ``idx``, the same either way. ``untrained_teacher`` makes the untrained-teacher control.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..model.arch import build_arch
 from ..model.components import Component
+from ..model.loading import Model
 from ..tasks.base import TaskData
 from .cache import TeacherCache, build_cache, teacher_outputs
 from .config import DistillConfig
@@ -79,3 +82,15 @@ def open_teacher_source(objective: Objective, cfg: DistillConfig, train: TaskDat
         raise ConfigError(f"objective {objective.name!r} needs the teacher (labels={cfg.labels!r}); "
                           "pass teacher= or a cache")
     return TeacherSource(teacher, cache, train, list(components), cfg.positions, needed)
+
+
+def untrained_teacher(teacher: Model, seed: int) -> Model:
+    """The untrained-teacher control: a model of ``teacher``'s architecture (its config, tokenizer, heads and
+    dtype) with every weight freshly initialised from ``seed``, in eval mode. The global torch RNG is left as
+    it was."""
+    hf = teacher.hf
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(hf)(copy.deepcopy(hf.config))
+    fresh.to(device=teacher.device, dtype=teacher.dtype).eval()
+    return Model(fresh, teacher.tokenizer, build_arch(fresh), name=f"untrained({teacher.name}, seed {seed})")

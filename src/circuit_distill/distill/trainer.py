@@ -34,7 +34,7 @@ from ..tasks.metrics import evaluate
 from ..tasks.positions import task_positions
 from .cache import TeacherCache
 from .config import DistillConfig
-from .features import Pair, alignment_features, pair_cka
+from .features import Pair, alignment_features, pair_cka, shuffled_targets
 from .iit import iia_record, iit_outputs, prepare_interchanges
 from .objectives import Objective, get_objective, objective_loss
 from .pairs import choose_pairs
@@ -188,6 +188,8 @@ def train_micro_batch(state: TrainState, student, train: TaskData, idx: torch.Te
             t_logits = t_logits.to(device)
         s_feats = t_feats = None
         if objective.uses_align:
+            if cfg.align_targets == "shuffled":  # the control: another prompt's teacher rows (seeded per step)
+                t_acts = shuffled_targets(t_acts, b.attention_mask, cfg.seed * 1_000_003 + state.step)
             s_feats, t_feats = alignment_features(cap, t_acts, b.attention_mask, pos, pairs, device)
         labels = (t_logits.argmax(-1) if cfg.labels == "teacher" and t_logits is not None
                   else train.answer_ids[idx].to(device))

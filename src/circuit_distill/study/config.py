@@ -1,0 +1,159 @@
+"""The study's settings (``StudyConfig``, loaded from YAML) and its rows: what each row trains with.
+
+A *row* is one training recipe: an objective (``distill.objectives``), the pairing of its alignment term
+and, for the controls, what replaces the teacher's paired activations. Rows named ``<objective>@<matcher>``
+use that matcher's component map; every other aligned row uses the paper's (``ablation``) map, and so do
+the three controls, which keep the map's student heads (so the trainable subset is the same):
+
+- ``ce+random_cka``: each student head paired with a seeded random teacher head (random pairs);
+- ``ce+shuffled_cka``: the matched pairs, each prompt's student rows against the teacher's rows of another
+  prompt of the batch with the same length (shuffled examples: same statistics, no per-example binding);
+- ``ce+untrained_cka``: the matched pairs, against a teacher of the same architecture re-initialised from
+  ``untrained_seed`` (CE labels still from the trained teacher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config, option
+from ..distill.objectives import get_objective
+from ..errors import ConfigError
+from ..matching.pipeline import MATCHERS
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the study: ``objective`` (a preset name), ``pairing`` (``-`` without alignment, a matcher,
+    or a control: ``random``, ``shuffled``, ``untrained``), the component map it uses (``map_key``), the
+    teacher rows it aligns with (``align_targets``) and which teacher gives them (``teacher``)."""
+
+    name: str
+    objective: str
+    pairing: str = "-"
+    map_key: str = "ablation"
+    align_targets: str = "paired"
+    teacher: str = "trained"
+
+    @property
+    def aligns(self) -> bool:
+        """True if the row has an alignment term (so the alignment positions are one of its factors)."""
+        return get_objective(self.objective).uses_align
+
+    @property
+    def is_control(self) -> bool:
+        """True for the three control rows (``CONTROLS``)."""
+        return self.name in CONTROLS.values()
+
+
+CONTROLS = {"random": "ce+random_cka", "shuffled": "ce+shuffled_cka", "untrained": "ce+untrained_cka"}
+FIXED_ROWS = {
+    "ce+random_cka": Row("ce+random_cka", "ce+random_cka", "random"),
+    "ce+shuffled_cka": Row("ce+shuffled_cka", "ce+align_cka", "shuffled", align_targets="shuffled"),
+    "ce+untrained_cka": Row("ce+untrained_cka", "ce+align_cka", "untrained", teacher="untrained"),
+}
+# settings that choose which runs the grid holds, and settings of the analysis only: changing them keeps
+# every finished run valid (a rerun with more seeds or fewer rows continues), unlike every other setting
+GRID_KEYS = ("students", "trainable", "positions", "rows", "row_positions", "seeds")
+ANALYSIS_KEYS = ("n_boot", "ci_level", "goal_margin", "goal_trained_fraction", "threads")
+SCOPES = {"matched_heads": ("matched_heads", False), "matched_heads+kv": ("matched_heads", True),
+          "attention": ("attention", False), "all": ("all", False)}
+
+
+def parse_row(name: str) -> Row:
+    """The ``Row`` called ``name``: a control (``FIXED_ROWS``), or ``<objective>`` / ``<objective>@<matcher>``."""
+    if name in FIXED_ROWS:
+        return FIXED_ROWS[name]
+    objective, _, matcher = name.partition("@")
+    obj = get_objective(objective)
+    if obj.pairs == "random":
+        if matcher:
+            raise ConfigError(f"study row {name!r}: random pairs take no matcher; write {obj.name!r}")
+        return Row(name, obj.name, "random")
+    if matcher and matcher not in MATCHERS:
+        raise ConfigError(f"study row {name!r}: unknown matcher {matcher!r}; choose from {', '.join(MATCHERS)}")
+    if matcher and not obj.uses_align:
+        raise ConfigError(f"study row {name!r}: {obj.name!r} has no alignment term to pair; drop '@{matcher}'")
+    if not obj.uses_align:
+        return Row(name, obj.name)
+    return Row(name, obj.name, matcher or "ablation", map_key=matcher or "ablation")
+
+
+@dataclass
+class StudyConfig(Config):
+    """Everything that defines a study (docs/study/PROTOCOL.md). Load it with ``load_config(StudyConfig, path)``."""
+
+    label = "study setting"
+
+    teacher: str = option("builtin:entity-tracking-teacher", "the teacher (a model directory or builtin: name)")
+    students: dict = option(help="warmth level -> warm student (same tokenizer as the teacher), coldest first",
+                            factory=lambda: {"cold": "builtin:entity-tracking-student-cold",
+                                             "partial": "builtin:entity-tracking-student",
+                                             "competent": "builtin:entity-tracking-student-competent"})
+    trainable: list[str] = option(help=f"trainable scopes, from {', '.join(SCOPES)}",
+                                  factory=lambda: ["matched_heads", "matched_heads+kv", "attention", "all"])
+    positions: list[str] = option(help="alignment positions: 'all', 'last' or task position names",
+                                  factory=lambda: ["all", "last", "query_label"])
+    rows: list[str] = option(help="rows run in every cell (ce is always run: every gain is over it)",
+                             factory=lambda: ["ce", "ce+align_cka", *CONTROLS.values()])
+    row_positions: dict = option(help="row -> the only alignment positions it runs at (default: all of them)",
+                                 factory=dict)
+    seeds: list[int] = option(help="seeds; each changes the batch order of every row alike",
+                              factory=lambda: [0, 1, 2, 3, 4])
+    steps: int = option(300, "distillation steps per run")
+    batch_size: int = option(32, "prompts per step")
+    lr: float = option(3e-3, "learning rate (AdamW), shared by every row")
+    warmup: int = option(20, "linear warmup steps")
+    lam: float = option(1.0, "weight of the alignment term")
+    train_boxes: str = option("2-5", "box counts of the training prompts")
+    eval_boxes: int = option(5, "box count of the held-out evaluation set")
+    hard_boxes: int = option(7, "box count of the harder held-out split (the decision rule's)")
+    n_train: int = option(2000, "training prompts")
+    n_eval: int = option(1000, "prompts in each held-out set (final accuracies and the bootstrap)")
+    n_curve: int = option(250, "first prompts of each held-out set evaluated along the way (the curves)")
+    n_discovery: int = option(200, "prompts for circuit discovery, matching and the transfer check")
+    eval_every: int = option(50, "steps between curve evaluations")
+    targets: list[float] = option(help="accuracies (harder split) whose first step is reported",
+                                  factory=lambda: [0.3, 0.5])
+    circuit_top_k: int = option(4, "heads per circuit (top-k by mean-ablation effect)")
+    data_seed: int = option(1234, "seed of every prompt set (each set has its own stream)")
+    untrained_seed: int = option(0, "initialisation seed of the untrained teacher")
+    n_boot: int = option(2000, "bootstrap resamples of every CI")
+    ci_level: float = option(0.95, "level of every CI")
+    goal_margin: float = option(0.05, "gain over ce and over every control the goal asks for")
+    goal_trained_fraction: float = option(0.2, "largest trained fraction of the student for the goal")
+    threads: int = option(0, "torch CPU threads per process (0: torch's default)")
+
+    def validate(self) -> None:
+        self.row_specs()  # every row name parses
+        bad = [s for s in self.trainable if s not in SCOPES]
+        if bad:
+            raise ConfigError(f"unknown trainable scope(s) {', '.join(map(repr, bad))}; choose from {', '.join(SCOPES)}")
+        for key in ("students", "trainable", "positions", "seeds", "rows"):
+            if not getattr(self, key):
+                raise ConfigError(f"study setting {key} is empty: give at least one")
+        unknown = [r for r in self.row_positions if r not in self.rows]
+        if unknown:
+            raise ConfigError(f"row_positions names rows not in rows: {', '.join(unknown)}")
+        for k in ("steps", "batch_size", "n_train", "n_eval", "n_curve", "n_discovery", "n_boot", "circuit_top_k"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"study setting {k} must be >= 1, got {getattr(self, k)}")
+        if not 0 < self.ci_level < 1:
+            raise ConfigError(f"ci_level must be in (0, 1), got {self.ci_level}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds repeat: {self.seeds}")
+
+    def run_settings(self) -> dict:
+        """The settings every run depends on: all but ``GRID_KEYS`` and ``ANALYSIS_KEYS``."""
+        return {k: v for k, v in self.to_dict().items() if k not in GRID_KEYS + ANALYSIS_KEYS}
+
+    def row_specs(self) -> dict[str, Row]:
+        """Row name -> ``Row``, ``ce`` first (every gain is measured over it)."""
+        names = ["ce"] + [r for r in self.rows if r != "ce"]
+        return {n: parse_row(n) for n in names}
+
+    def positions_of(self, row: Row) -> list[str]:
+        """The alignment positions ``row`` runs at (``["-"]`` for a row without alignment)."""
+        if not row.aligns:
+            return ["-"]
+        return [str(p) for p in self.row_positions.get(row.name, self.positions)]
