@@ -196,10 +196,35 @@ def restore_tiny_checkpoint(path: Path, hf, opt, sched, cfg: TinyTrainConfig) ->
     return TinyRun(state["step"], state["elapsed"], state["history"], state["reached"], state.get("first_loss"))
 
 
+def tiny_optimizer(hf, cfg: TinyTrainConfig) -> torch.optim.AdamW:
+    """AdamW over every parameter; when the curriculum freezes embedding rows, the embeddings get no
+    weight decay (frozen rows keep their scale, so words never drawn in training stay like the others)."""
+    opt = dict(lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    if not curriculum_for(cfg.task).frozen_words(cfg):
+        return torch.optim.AdamW(hf.parameters(), **opt)
+    emb = hf.get_input_embeddings().weight
+    rest = [p for p in hf.parameters() if p is not emb]
+    return torch.optim.AdamW([{"params": rest}, {"params": [emb], "weight_decay": 0.0}], **opt)
+
+
+def redraw_embeddings(hf, cfg: TinyTrainConfig, tokenizer, step: int) -> None:
+    """Give the curriculum's training-only words fresh random embeddings for ``step`` (std 1/sqrt(d_model),
+    seeded by (seed, step)): no feature of a particular vector can be learned (theory of mind's fillers)."""
+    words = curriculum_for(cfg.task).redrawn_words(cfg)
+    if not words:
+        return
+    vocab = tokenizer.get_vocab()
+    rows = [vocab[w] for w in words]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    with torch.no_grad():
+        hf.get_input_embeddings().weight[rows] = torch.randn(len(rows), cfg.d_model, generator=gen) / cfg.d_model ** 0.5
+
+
 def tiny_step(hf, opt, sched, cfg: TinyTrainConfig, tokenizer, step: int) -> torch.Tensor:
     """One optimisation step on the batch of ``step`` (loss on the answer tokens, gradients clipped at 1);
     returns the loss."""
     hf.train()
+    redraw_embeddings(hf, cfg, tokenizer, step)
     input_ids, mask, labels = sample_batch(cfg, tokenizer, step)
     logits = hf(input_ids=input_ids, attention_mask=mask).logits
     # labels already sit at the position that predicts them: no shift
@@ -240,7 +265,7 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = curriculum_for(cfg.task).tokenizer(cfg)
     hf = build_model(cfg, tokenizer)
-    opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    opt = tiny_optimizer(hf, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     run = TinyRun()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out

@@ -1,7 +1,8 @@
 """What ``train_tiny`` needs of each task it trains on: a curriculum per task name.
 
 A curriculum gives the tokenizer, the training rows of a batch (drawn from a seeded RNG), the words
-whose embeddings stay frozen (and whether input and output embeddings are tied), the keys of the
+whose embeddings stay frozen (and whether input and output embeddings are tied), the words whose
+embeddings are drawn afresh at every step, the keys of the
 stopping rule and of the final report, the held-out accuracy of one key, and the task's sentences
 of the training card.
 """

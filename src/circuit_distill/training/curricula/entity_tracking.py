@@ -44,6 +44,9 @@ class EntityTrackingCurriculum:
     def frozen_words(self, cfg) -> list[str]:
         return []
 
+    def redrawn_words(self, cfg) -> list[str]:
+        return []
+
     def rows(self, cfg, rng: random.Random, vocab: dict[str, int]) -> tuple[list[list[int]], list[list[int]]]:
         """``batch_size`` training sequences (token ids) and their targets (-100 but at answers)."""
         rows, targets = [], []

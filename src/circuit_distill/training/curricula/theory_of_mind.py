@@ -4,11 +4,13 @@ the held-out measurement per case on words never seen in training.
 **Unseen words.** Competence is measured on the task's ``test`` split: characters, containers,
 drinks and places that never occur in training. A word-level model can answer with a word it never
 saw only if nothing it learned is specific to words, so every entity word (the task's four pools,
-both splits, plus ``fillers`` training-only words ``e0 .. eN``) keeps the random embedding it is
-initialised with (std 1/sqrt(d_model); input and output embeddings tied, those rows frozen), and the
-training stories draw their entities from the train split and the fillers together: the mechanism
-is learned on hundreds of different random vectors and so applies to any new one. The template
-words (and the answer ``unknown``) are trained as usual.
+both splits) keeps the random embedding it is initialised with (std 1/sqrt(d_model); input and
+output embeddings tied, those rows frozen, no weight decay), and the training stories draw their
+entities from the train split and from ``fillers`` training-only words ``e0 .. eN`` whose embeddings
+are drawn afresh at every step: the mechanism is learned on new random vectors all the time, so it
+cannot rest on features of particular vectors (the train split's words alone are too few: a model
+trained on them answers "unknown" for every unseen drink), and it applies to any new word.
+The template words (and the answer ``unknown``) are trained as usual.
 
 **Training sequences.** One story, then ``n_queries`` questions, the loss on the answers only. The
 first question is token for token a ``make_task("theory_of_mind")`` prompt and its answer (the
@@ -132,6 +134,10 @@ class TheoryOfMindCurriculum:
     def frozen_words(self, cfg) -> list[str]:
         """Every entity word: its embedding stays at its random initialisation."""
         return [*CHARACTERS, *CONTAINERS, *DRINKS, *PLACES, *filler_words(cfg.fillers)]
+
+    def redrawn_words(self, cfg) -> list[str]:
+        """The fillers: fresh random embeddings at every step."""
+        return filler_words(cfg.fillers)
 
     def rows(self, cfg, rng: random.Random, vocab: dict[str, int]) -> tuple[list[list[int]], list[list[int]]]:
         """``batch_size`` training sequences (token ids) and their targets (-100 but at answers)."""
