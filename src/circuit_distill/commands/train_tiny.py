@@ -1,4 +1,5 @@
-"""``circuit-distill train-tiny OUT``: train a tiny entity-tracking model to a competence level."""
+"""``circuit-distill train-tiny OUT``: train a tiny model on a task (entity tracking or theory of mind) to a
+competence level."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-tiny", help="train a tiny Llama-style entity-tracking model (teacher or warm "
-                       "student) until held-out accuracy reaches a target")
+    p = sub.add_parser("train-tiny", help="train a tiny Llama-style model on a task (teacher or warm student) "
+                       "until held-out accuracy reaches a target")
     p.add_argument("out", help="output directory (safetensors weights, tokenizer, training.json)")
+    p.add_argument("--task", default="entity_tracking", choices=("entity_tracking", "theory_of_mind"))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -34,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--target-boxes", default="7", help="comma-separated box counts, e.g. 7,9")
     p.add_argument("--report-boxes", default="2-9", help="box counts measured at the end, e.g. 2-9")
     p.add_argument("--report-n", type=int, default=500)
+    p.add_argument("--target-cases", default="true_belief,false_belief,unknown",
+                   help="theory_of_mind: comma-separated cases of the stopping rule (test split)")
+    p.add_argument("--fillers", type=int, default=256, help="theory_of_mind: training-only entity words")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint.pt goes (default: OUT)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (an error if there is none)")
@@ -66,6 +71,7 @@ def run(args) -> int:
 
     lo, hi = (_ints(args.boxes) or [0])[0], (_ints(args.boxes) or [0])[-1]
     cfg = TinyTrainConfig(
+        task=args.task, target_cases=[c for c in args.target_cases.split(",") if c], fillers=args.fillers,
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
         d_mlp=args.d_mlp,
         min_boxes=lo, max_boxes=hi, n_queries=args.queries, easy_fraction=args.easy_fraction,

@@ -30,20 +30,22 @@ QUERIES = ("last", "earlier_label")
 START, END = "<!-- circuit:start -->", "<!-- circuit:end -->"
 
 
-def _word_sets(model) -> tuple[set[int], set[int]]:
-    from ..tasks.entity_tracking import LABELS, OBJECTS
-
+def word_ids(model, words) -> set[int]:
+    """Token ids of ``words`` in ``model``'s vocabulary (word-level or BPE with a space marker)."""
     vocab = model.tokenizer.get_vocab()
     ids = {tok.lstrip("Ġ▁ ").strip(): i for tok, i in vocab.items()}
-    return ({ids[w] for w in OBJECTS if w in ids}, {ids[w] for w in LABELS if w in ids})
+    return {ids[w] for w in words if w in ids}
 
 
 @torch.no_grad()
-def attention_by_category(model, td, *, batch_size: int = 64) -> dict[str, dict[str, list[list[float]]]]:
-    """``query -> category -> [layer][head]`` mean attention mass (see the module docstring)."""
+def attention_mass(model, td, label_prompt, categories, queries, *, batch_size: int = 64
+                   ) -> dict[str, dict[str, list[list[float]]]]:
+    """``query -> category -> [layer][head]``: mean attention mass from named query tokens to categories
+    of key tokens. ``label_prompt(i, ids)`` gives prompt ``i`` (token ids ``[seq]``) its key categories
+    (``[seq]`` indices into ``categories``) and ``{query name: position}``; the query token itself
+    counts as ``self`` (which must be one of ``categories``). Rows of every query sum to 1."""
     L, H = model.arch.n_layers, model.arch.n_heads
-    objects, labels = _word_sets(model)
-    sums = {q: torch.zeros(len(CATEGORIES), L, H, dtype=torch.float64) for q in QUERIES}
+    sums = {q: torch.zeros(len(categories), L, H, dtype=torch.float64) for q in queries}
     with eager_attention(model):
         for s in range(0, len(td), batch_size):
             idx = torch.arange(s, min(s + batch_size, len(td)))
@@ -53,26 +55,37 @@ def attention_by_category(model, td, *, batch_size: int = 64) -> dict[str, dict[
             ids = b.input_ids.cpu()
             mask = b.attention_mask.cpu() > 0
             for r in range(len(idx)):
-                i = int(idx[r])
-                named = {k: int(td.positions[k][i]) for k in ("query_label", "earlier_label", "object", "last")}
-                cat = torch.full((ids.shape[1],), CATEGORIES.index("rest"))
-                for t in range(ids.shape[1]):
-                    if int(ids[r, t]) in objects:
-                        cat[t] = CATEGORIES.index("other_objects")
-                    elif int(ids[r, t]) in labels:
-                        cat[t] = CATEGORIES.index("other_labels")
-                cat[named["query_label"]] = CATEGORIES.index("query_label")
-                cat[named["earlier_label"]] = CATEGORIES.index("earlier_label")
-                cat[named["object"]] = CATEGORIES.index("answer_object")
-                for q in QUERIES:
-                    qpos = named[q]
+                cat, qpos = label_prompt(int(idx[r]), ids[r])
+                for q in queries:
                     c = cat.clone()
-                    c[qpos] = CATEGORIES.index("self")
-                    row = atts[r, :, :, qpos, :] * mask[r]  # [L, H, k]
-                    for j in range(len(CATEGORIES)):
+                    c[qpos[q]] = categories.index("self")
+                    row = atts[r, :, :, qpos[q], :] * mask[r]  # [L, H, k]
+                    for j in range(len(categories)):
                         sums[q][j] += row[:, :, c == j].sum(-1).double()
     n = max(1, len(td))
-    return {q: {name: (sums[q][j] / n).tolist() for j, name in enumerate(CATEGORIES)} for q in QUERIES}
+    return {q: {name: (sums[q][j] / n).tolist() for j, name in enumerate(categories)} for q in queries}
+
+
+def attention_by_category(model, td, *, batch_size: int = 64) -> dict[str, dict[str, list[list[float]]]]:
+    """``query -> category -> [layer][head]`` mean attention mass (see the module docstring)."""
+    from ..tasks.entity_tracking import LABELS, OBJECTS
+
+    objects, labels = word_ids(model, OBJECTS), word_ids(model, LABELS)
+
+    def label_prompt(i, ids):
+        named = {k: int(td.positions[k][i]) for k in ("query_label", "earlier_label", "object", "last")}
+        cat = torch.full((ids.shape[0],), CATEGORIES.index("rest"))
+        for t in range(ids.shape[0]):
+            if int(ids[t]) in objects:
+                cat[t] = CATEGORIES.index("other_objects")
+            elif int(ids[t]) in labels:
+                cat[t] = CATEGORIES.index("other_labels")
+        cat[named["query_label"]] = CATEGORIES.index("query_label")
+        cat[named["earlier_label"]] = CATEGORIES.index("earlier_label")
+        cat[named["object"]] = CATEGORIES.index("answer_object")
+        return cat, named
+
+    return attention_mass(model, td, label_prompt, CATEGORIES, QUERIES, batch_size=batch_size)
 
 
 def circuit_card(model, *, boxes: int = 7, n: int = 200, seed: int = 30_000, threshold: float = 0.2,
@@ -128,13 +141,14 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(model_dir: str | Path, card: dict) -> None:
-    """Write ``circuit.json`` and put the circuit section into ``README.md`` (replacing an earlier one)."""
+def write_card(model_dir: str | Path, card: dict, section: str | None = None) -> None:
+    """Write ``circuit.json`` and put the circuit section (default ``card_markdown(card)``) into
+    ``README.md`` (replacing an earlier one)."""
     model_dir = Path(model_dir)
     atomic_write_json(model_dir / "circuit.json", card)
     readme = model_dir / "README.md"
     text = readme.read_text() if readme.is_file() else ""
-    section = card_markdown(card)
+    section = card_markdown(card) if section is None else section
     if START in text and END in text:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n?", lambda _m: section, text, flags=re.S)
     else:

@@ -1,15 +1,13 @@
-"""Train the project's own tiny entity-tracking models (the built-in teacher and warm student).
+"""Train the project's own tiny models (the built-in teachers and warm students) on a task by name.
 
-Recipe (METHOD.md §4): a Llama-style model trained from scratch on sequences made of one
-entity-tracking context followed by ``n_queries`` queries, with the loss on every answer token only.
-Half of the queries use an easier form, ``"Box T eggnog"`` (the answer right after the label), half
-the task's form, ``"Box T contains the eggnog"``; the easy form lets the binding mechanism form
-instead of sitting on the ~1/n plateau. The first query of every sequence is token-for-token a
-``make_task("entity_tracking")`` prompt, and competence is measured with ``tasks.evaluate`` on fresh
-``make_task`` prompts.
+A Llama-style model is trained from scratch on sequences drawn by the task's curriculum
+(``training.curricula``: ``entity_tracking`` and ``theory_of_mind``), with the loss on the answer
+tokens only; each curriculum says which easier auxiliary forms its sequences mix in to leave the
+loss plateau, and how competence is measured on fresh held-out ``make_task`` prompts.
 
 Training stops at a *competence level*, not a step count: every ``eval_every`` steps the held-out
-accuracy at each of ``target_boxes`` is measured and training stops at the first evaluation where all
+accuracy of each target (entity tracking: each of ``target_boxes``; theory of mind: each of
+``target_cases`` on the test split) is measured and training stops at the first evaluation where all
 of them reach ``target_accuracy`` (or at ``max_steps``). Everything is deterministic from ``seed``:
 the batch of step ``s`` is drawn from its own RNG seeded by (seed, s), so a resumed run sees the same
 data as an uninterrupted one.
@@ -39,9 +37,9 @@ from ..distill.state import (
 from ..errors import ConfigError
 from ..model.arch import build_arch
 from ..model.loading import Model, quiet_transformers, tiny_config
-from ..model.tokenizer import word_level_tokenizer
-from ..tasks import evaluate, make_task, task_vocabulary
-from ..tasks.entity_tracking import LABELS, OBJECTS
+from ..tasks.theory_of_mind import CASES
+from .curricula import curriculum_for
+from .tiny_card import model_card
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "history", "reached", "config")
@@ -52,6 +50,7 @@ MODEL_FILES = ("model.safetensors", "training.json")  # what a finished run leav
 class TinyTrainConfig(Config):
     """Everything that defines a ``train_tiny`` run (saved with the model as ``training.json``)."""
 
+    task: str = option("entity_tracking", "task to train on: entity_tracking or theory_of_mind")
     n_layers: int = option(2, "transformer layers")
     d_model: int = option(128, "residual width")
     n_heads: int = option(4, "query heads per layer")
@@ -60,7 +59,8 @@ class TinyTrainConfig(Config):
     min_boxes: int = option(2, "fewest boxes in a training context")
     max_boxes: int = option(7, "most boxes in a training context")
     n_queries: int = option(4, "queries per training sequence")
-    easy_fraction: float = option(0.5, "fraction of queries in the easy 'Box T object' form")
+    easy_fraction: float = option(0.5, "fraction of queries in the easy form (entity_tracking: 'Box T object'; "
+                                       "theory_of_mind: of the extra questions, answered right after the container)")
     same_boxes_per_batch: bool = option(False, "one box count per batch (drawn per step) instead of per "
                                                "sequence: no padding waste")
     lr: float = option(1e-3, "AdamW learning rate after warmup")
@@ -75,7 +75,10 @@ class TinyTrainConfig(Config):
     target_boxes: list[int] = option(help="box counts of the stopping rule", factory=lambda: [7])
     report_boxes: list[int] = option(help="box counts measured at the end",
                                      factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
-    report_n: int = option(500, "prompts per box count of the final measurement")
+    report_n: int = option(500, "prompts per box count (or case) of the final measurement")
+    target_cases: list[str] = option(help="theory_of_mind: cases of the stopping rule (test split)",
+                                     factory=lambda: list(CASES))
+    fillers: int = option(256, "theory_of_mind: training-only entity words e0.. (see training.curricula)")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -95,16 +98,7 @@ class TinyTrainConfig(Config):
             raise ConfigError(f"warmup must be >= 0 (0 = off), got {self.warmup}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
-        pool = min(len(OBJECTS), len(LABELS))
-        if not 2 <= self.min_boxes <= self.max_boxes:
-            raise ConfigError(f"training boxes must satisfy 2 <= min_boxes <= max_boxes, got "
-                              f"{self.min_boxes}..{self.max_boxes}")
-        if self.max_boxes > pool:
-            raise ConfigError(f"max_boxes={self.max_boxes} exceeds the task's pools "
-                              f"({len(OBJECTS)} objects, {len(LABELS)} labels)")
-        if not self.target_boxes or not all(2 <= b <= pool for b in self.target_boxes + self.report_boxes):
-            raise ConfigError(f"target_boxes (at least one) and report_boxes must be box counts in 2..{pool}, got "
-                              f"{self.target_boxes} and {self.report_boxes}")
+        curriculum_for(self.task).validate(self)
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
         if not 0.0 <= self.easy_fraction <= 1.0:
@@ -120,39 +114,14 @@ class TinyTrainConfig(Config):
 
 def entity_tokenizer():
     """The word-level tokenizer over the ``entity_tracking`` vocabulary (shipped with the models)."""
-    return word_level_tokenizer(task_vocabulary("entity_tracking"))
+    return curriculum_for("entity_tracking").tokenizer(None)
 
 
 def sample_batch(cfg: TinyTrainConfig, tokenizer, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The training batch of ``step``: ``input_ids [B, T]``, ``attention_mask [B, T]`` and
-    ``labels [B, T]`` (the answer token at the position that predicts it, -100 elsewhere)."""
+    """The training batch of ``step``: ``input_ids [batch, seq]``, ``attention_mask [batch, seq]`` and
+    ``labels [batch, seq]`` (the answer token at the position that predicts it, -100 elsewhere)."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    vocab = tokenizer.get_vocab()
-    ids = lambda words: [vocab[w] for w in words]
-    rows, targets = [], []
-    batch_k = rng.randint(cfg.min_boxes, cfg.max_boxes)
-    for _ in range(cfg.batch_size):
-        k = batch_k if cfg.same_boxes_per_batch else rng.randint(cfg.min_boxes, cfg.max_boxes)
-        objs = rng.sample(OBJECTS, k)
-        labs = rng.sample(LABELS, k)
-        words: list[str] = []
-        for i, (o, lab) in enumerate(zip(objs, labs)):
-            words += (["The"] if i == 0 else [",", "the"]) + [o, "is", "in", "Box", lab]
-        words.append(".")
-        tgt = [-100] * len(words)
-        for _q in range(cfg.n_queries):
-            j = rng.randrange(k)
-            if rng.random() < cfg.easy_fraction:
-                q = ["Box", labs[j]]
-            else:
-                q = ["Box", labs[j], "contains", "the"]
-            words += q
-            tgt += [-100] * len(q)
-            tgt[-1] = vocab[objs[j]]
-            words += [objs[j], "."]
-            tgt += [-100, -100]
-        rows.append(ids(words))
-        targets.append(tgt)
+    rows, targets = curriculum_for(cfg.task).rows(cfg, rng, tokenizer.get_vocab())
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -166,19 +135,36 @@ def sample_batch(cfg: TinyTrainConfig, tokenizer, step: int) -> tuple[torch.Tens
 
 
 def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
-    """A fresh Llama-style model, initialised from ``cfg.seed``."""
+    """A fresh Llama-style model, initialised from ``cfg.seed``.
+
+    If the task's curriculum ties input and output embeddings and names frozen words (theory of
+    mind), their rows are redrawn with std 1/sqrt(d_model) and a gradient hook keeps them there."""
     from transformers import AutoModelForCausalLM
 
+    cur = curriculum_for(cfg.task)
+    extra = {"tie_word_embeddings": True} if cur.tied_embeddings else {}
     hf_cfg = tiny_config("llama", n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                         d_model=cfg.d_model, d_mlp=cfg.d_mlp, vocab_size=len(tokenizer), max_positions=256)
+                         d_model=cfg.d_model, d_mlp=cfg.d_mlp, vocab_size=len(tokenizer), max_positions=256, **extra)
     torch.manual_seed(cfg.seed)
-    return AutoModelForCausalLM.from_config(hf_cfg)
+    hf = AutoModelForCausalLM.from_config(hf_cfg)
+    vocab = tokenizer.get_vocab()
+    frozen = sorted(vocab[w] for w in cur.frozen_words(cfg))
+    if frozen:
+        weight = hf.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[frozen] = torch.randn(len(frozen), cfg.d_model) / cfg.d_model ** 0.5
+        keep = torch.ones(weight.shape[0], 1)
+        keep[frozen] = 0.0
+        weight.register_hook(lambda grad: grad * keep)
+    return hf
 
 
-def accuracy_at(model: Model, boxes: int, n: int, seed: int) -> float:
-    """Held-out accuracy of ``model`` on ``n`` fresh ``entity_tracking`` prompts with ``boxes`` boxes."""
-    data = make_task("entity_tracking", model.tokenizer, n, seed=seed, n_boxes=boxes, n_reference=1)
-    return evaluate(model, data)["accuracy"]
+def measure_competence(model: Model, cfg: TinyTrainConfig, n: int, *, final: bool = False) -> dict[str, float]:
+    """Held-out accuracy on ``n`` fresh prompts per key: the stopping rule's keys (``target_boxes`` or
+    ``target_cases``), or with ``final`` the report's (``report_boxes``, or every case on both splits)."""
+    cur = curriculum_for(cfg.task)
+    keys = cur.report_keys(cfg) if final else cur.target_keys(cfg)
+    return {k: cur.accuracy(model, k, n, final=final) for k in keys}
 
 
 def lr_factor(cfg: TinyTrainConfig, step: int) -> float:
@@ -235,10 +221,35 @@ def restore_tiny_checkpoint(path: Path, hf, opt, sched, cfg: TinyTrainConfig) ->
     return TinyRun(state["step"], state["elapsed"], state["history"], state["reached"], state.get("first_loss"))
 
 
+def tiny_optimizer(hf, cfg: TinyTrainConfig) -> torch.optim.AdamW:
+    """AdamW over every parameter; when the curriculum freezes embedding rows, the embeddings get no
+    weight decay (frozen rows keep their scale, so words never drawn in training stay like the others)."""
+    opt = dict(lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    if not curriculum_for(cfg.task).frozen_words(cfg):
+        return torch.optim.AdamW(hf.parameters(), **opt)
+    emb = hf.get_input_embeddings().weight
+    rest = [p for p in hf.parameters() if p is not emb]
+    return torch.optim.AdamW([{"params": rest}, {"params": [emb], "weight_decay": 0.0}], **opt)
+
+
+def redraw_embeddings(hf, cfg: TinyTrainConfig, tokenizer, step: int) -> None:
+    """Give the curriculum's training-only words fresh random embeddings for ``step`` (std 1/sqrt(d_model),
+    seeded by (seed, step)): no feature of a particular vector can be learned (theory of mind's fillers)."""
+    words = curriculum_for(cfg.task).redrawn_words(cfg)
+    if not words:
+        return
+    vocab = tokenizer.get_vocab()
+    rows = [vocab[w] for w in words]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    with torch.no_grad():
+        hf.get_input_embeddings().weight[rows] = torch.randn(len(rows), cfg.d_model, generator=gen) / cfg.d_model ** 0.5
+
+
 def tiny_step(hf, opt, sched, cfg: TinyTrainConfig, tokenizer, step: int) -> torch.Tensor:
     """One optimisation step on the batch of ``step`` (loss on the answer tokens, gradients clipped at 1);
     returns the loss."""
     hf.train()
+    redraw_embeddings(hf, cfg, tokenizer, step)
     input_ids, mask, labels = sample_batch(cfg, tokenizer, step)
     logits = hf(input_ids=input_ids, attention_mask=mask).logits
     # labels already sit at the position that predicts them: no shift
@@ -274,7 +285,7 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
                checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, log=print,
                command: str | None = None) -> dict:
     """Train a model per ``cfg``, save it (safetensors + tokenizer + ``training.json``) into ``out``
-    and return the training record (steps, seconds, eval history, final accuracies per box count).
+    and return the training record (steps, seconds, eval history, final accuracies per box count or case).
 
     ``command`` (the command line that started the run) is recorded in ``training.json`` and the
     model card (``README.md``). A checkpoint (``checkpoint_dir/checkpoint.pt``, default ``out``; written atomically) lets ``resume=True`` continue a run;
@@ -291,9 +302,9 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     check_run_dir([out / f for f in MODEL_FILES] + [ckpt], ckpt, resume=resume, overwrite=overwrite)
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = entity_tokenizer()
+    tokenizer = curriculum_for(cfg.task).tokenizer(cfg)
     hf = build_model(cfg, tokenizer)
-    opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    opt = tiny_optimizer(hf, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     run = TinyRun()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -313,11 +324,11 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
             hf.eval()
-            accs = {b: accuracy_at(model, b, cfg.eval_n, seed=10_000 + b) for b in cfg.target_boxes}
+            accs = measure_competence(model, cfg, cfg.eval_n)
             run.elapsed += time.perf_counter() - t0
             t0 = time.perf_counter()
             run.history.append({"step": run.step, "loss": round(loss.item(), 5), "seconds": round(run.elapsed, 1),
-                                "accuracy": {str(b): a for b, a in accs.items()}})
+                                "accuracy": accs})
             log(f"step {run.step} loss {loss.item():.4f} " + " ".join(f"acc@{b}={a:.3f}" for b, a in accs.items())
                 + f" ({run.elapsed:.0f}s)")
             run.reached = all(a >= cfg.target_accuracy for a in accs.values())
@@ -329,7 +340,7 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     run.elapsed += time.perf_counter() - t0
     save_tiny_checkpoint(ckpt, hf, opt, sched, run, cfg)
     hf.eval()
-    final = {str(b): accuracy_at(model, b, cfg.report_n, seed=20_000 + b) for b in cfg.report_boxes}
+    final = measure_competence(model, cfg, cfg.report_n, final=True)
     record = {"config": asdict(cfg), "steps": run.step, "seconds": round(run.elapsed, 1),
               "reached_target": run.reached, "first_loss": run.first_loss, "history": run.history,
               "final_accuracy": final, "final_eval_n": cfg.report_n, "params": sum(p.numel() for p in hf.parameters()),
@@ -337,52 +348,3 @@ def train_tiny(cfg: TinyTrainConfig, out: str | os.PathLike, *, resume: bool = F
     export_tiny_model(hf, tokenizer, out, record)
     log("final accuracy: " + " ".join(f"{b}:{a:.3f}" for b, a in final.items()))
     return record
-
-
-def model_card(record: dict) -> str:
-    """A Markdown model card from a ``train_tiny`` record: architecture, command, steps, time,
-    stopping rule and the measured held-out accuracy per box count."""
-    c = record["config"]
-    target = ", ".join(str(b) for b in c["target_boxes"])
-    lines = [
-        "# Tiny entity-tracking model (trained by circuit-distill)",
-        "",
-        f"Llama-style, {c['n_layers']} layers, d_model {c['d_model']}, {c['n_heads']} heads, "
-        f"{c['n_kv_heads']} KV heads (GQA), MLP width {c['d_mlp'] or 4 * c['d_model']}; "
-        f"{record['params']:,} parameters; word-level tokenizer over the `entity_tracking` vocabulary.",
-        "",
-        "## Training",
-        "",
-        "```",
-        record.get("command") or "(run through the Python API: circuit_distill.training.tiny.train_tiny)",
-        "```",
-        "",
-        f"- Data: {c['min_boxes']}-{c['max_boxes']} boxes, {c['n_queries']} queries per sequence, "
-        f"{c['easy_fraction']:.0%} in the easy form `Box T object`, loss on the answers only; "
-        f"batch {c['batch_size']}, lr {c['lr']}, {c['warmup']} warmup steps"
-        + (f", lr falling linearly to 0 from step {c['anneal_from']} to {c['max_steps']}"
-           if c.get("anneal_from") is not None else "") + f", seed {c['seed']}"
-        + (", one box count per batch" if c.get("same_boxes_per_batch") else "") + ".",
-        f"- Stopping rule: the first evaluation (every {c['eval_every']} steps, {c['eval_n']} fresh prompts) "
-        f"where held-out accuracy at {target} boxes reaches {c['target_accuracy']}, or {c['max_steps']} steps.",
-        f"- Result: **{record['steps']} steps, {record['seconds'] / 60:.1f} minutes of training**, target "
-        + ("**reached**." if record["reached_target"] else "**NOT reached** (stopped by max_steps or by hand)."),
-        "",
-        f"## Held-out accuracy (`make_task('entity_tracking', n={record['final_eval_n']}, n_boxes=k)`, "
-        "seed 20000+k)",
-        "",
-        "| boxes | " + " | ".join(record["final_accuracy"]) + " |",
-        "|---|" + "---|" * len(record["final_accuracy"]),
-        "| accuracy | " + " | ".join(f"{a:.3f}" for a in record["final_accuracy"].values()) + " |",
-        "",
-        "Chance (a random object of the context) is 1/k at k boxes.",
-        "",
-        "## Evaluations during training",
-        "",
-        "| step | minutes | loss | " + " | ".join(f"acc@{b}" for b in c["target_boxes"]) + " |",
-        "|---|---|---|" + "---|" * len(c["target_boxes"]),
-    ]
-    for h in record["history"]:
-        lines.append(f"| {h['step']} | {h['seconds'] / 60:.1f} | {h['loss']:.3f} | "
-                     + " | ".join(f"{h['accuracy'][str(b)]:.3f}" for b in c["target_boxes"]) + " |")
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,194 @@
+"""How ``train_tiny`` trains a model on ``theory_of_mind``: training stories, frozen entity words and
+the held-out measurement per case on words never seen in training.
+
+**Unseen words.** Competence is measured on the task's ``test`` split: characters, containers,
+drinks and places that never occur in training. A word-level model can answer with a word it never
+saw only if nothing it learned is specific to words, so every entity word (the task's four pools,
+both splits) keeps the random embedding it is initialised with (std 1/sqrt(d_model); input and
+output embeddings tied, those rows frozen, no weight decay), and the training stories draw their
+entities from the train split and from ``fillers`` training-only words ``e0 .. eN`` whose embeddings
+are drawn afresh at every step: the mechanism is learned on new random vectors all the time, so it
+cannot rest on features of particular vectors (the train split's words alone are too few: a model
+trained on them answers "unknown" for every unseen drink), and it applies to any new word.
+The template words (and the answer ``unknown``) are trained as usual.
+
+**Training sequences.** One story, then ``n_queries`` questions, the loss on the answers only. The
+first question is token for token a ``make_task("theory_of_mind")`` prompt and its answer (the
+three cases equally often). The others ask a random character about a random container of the
+story and are answered by the rule the task's cases follow (``belief``): a character believes the
+last filling of the container that it saw (its own actions, and the other's if it can observe them),
+and "unknown" if it saw none. A fraction ``easy_fraction`` of these extra questions is in an easier
+form that stops right after the container (``... What does Bob believe the bottle beer .``), so the
+answer is predicted at the container token itself (as the easy ``Box T object`` form of entity
+tracking does).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ...errors import ConfigError
+from ...model.tokenizer import word_level_tokenizer
+from ...tasks import evaluate, make_task, task_vocabulary
+from ...tasks.theory_of_mind import CASES, CHARACTERS, CONTAINERS, DRINKS, PLACES
+
+QUESTION = ("Question", ":", "What", "does")
+TRAIN_PREFIX = "train:"  # report key of a case measured on the train split
+
+
+@dataclass(frozen=True)
+class Story:
+    """One story of the task: ``c1`` and ``c2`` fill ``containers[0]`` / ``[1]`` with ``drinks[0]`` /
+    ``[1]``; then ``p`` (the character not queried, ``q``) refills ``container`` with ``drinks[2]``;
+    ``q_sees`` / ``p_sees``: whether q observes p and p observes q."""
+
+    c1: str
+    c2: str
+    q_index: int
+    place: str
+    containers: tuple[str, str]
+    drinks: tuple[str, str, str]
+    container: str
+    q_sees: bool
+    p_sees: bool
+
+    @property
+    def q(self) -> str:
+        return (self.c1, self.c2)[self.q_index]
+
+    @property
+    def p(self) -> str:
+        return (self.c1, self.c2)[1 - self.q_index]
+
+
+def entity_pools(fillers: int) -> dict[str, list[str]]:
+    """The training draw of each entity kind: the task's ``train`` split plus the filler words."""
+    extra = filler_words(fillers)
+    return {kind: list(pool)[0::2] + extra
+            for kind, pool in (("characters", CHARACTERS), ("containers", CONTAINERS), ("drinks", DRINKS),
+                               ("places", PLACES))}
+
+
+def filler_words(fillers: int) -> list[str]:
+    """The training-only entity words ``e0 .. e{fillers-1}``."""
+    return [f"e{i}" for i in range(fillers)]
+
+
+def sample_story(rng: random.Random, pools: dict[str, list[str]]) -> Story:
+    """A story of one of the three cases (uniformly), drawn like the task generator draws it."""
+    case = rng.choice(CASES)
+    c1, c2 = rng.sample(pools["characters"], 2)
+    q_index = rng.randint(0, 1)
+    own = rng.random() < 0.5 if case == "true_belief" else case == "false_belief"
+    containers = tuple(rng.sample(pools["containers"], 2))
+    drinks = tuple(rng.sample(pools["drinks"], 3))
+    return Story(c1, c2, q_index, rng.choice(pools["places"]), containers, drinks,
+                 containers[q_index if own else 1 - q_index], case == "true_belief", rng.random() < 0.5)
+
+
+def story_words(s: Story) -> list[str]:
+    """The story's words, as the ``theory_of_mind`` generator writes them (before the question)."""
+    words = [s.c1, "and", s.c2, "are", "working", "in", "a", "busy", s.place, "."]
+    for i, who in enumerate((s.c1, s.c2)):
+        words += ["Then"] * i + [who, "grabs", ("an", "another")[i], "opaque", s.containers[i], "and", "fills",
+                                 "it", "with", s.drinks[i], "."]
+    words += ["Later", ",", s.p, "empties", "the", s.container, "and", "fills", "it", "with", s.drinks[2], "."]
+    for who, other, sees in ((s.q, s.p, s.q_sees), (s.p, s.q, s.p_sees)):
+        words += [who, "can" if sees else "cannot", "observe", other, "'", "s", "actions", "."]
+    return words
+
+
+def question_words(who: str, container: str, *, easy: bool = False) -> list[str]:
+    """The question of ``who``'s belief about ``container``; the easy form stops at the container."""
+    words = [*QUESTION, who, "believe", "the", container]
+    return words if easy else words + ["contains", "?", "Answer", ":"]
+
+
+def belief(s: Story, who: str, container: str) -> str:
+    """What ``who`` believes ``container`` holds: the last filling of it that ``who`` saw, else "unknown"."""
+    fills = [(s.c1, s.containers[0], s.drinks[0]), (s.c2, s.containers[1], s.drinks[1]),
+             (s.p, s.container, s.drinks[2])]
+    sees = s.q_sees if who == s.q else s.p_sees
+    seen = [d for actor, c, d in fills if c == container and (actor == who or sees)]
+    return seen[-1] if seen else "unknown"
+
+
+class TheoryOfMindCurriculum:
+    """``theory_of_mind`` for ``train_tiny`` (see the module docstring)."""
+
+    name = "theory_of_mind"
+    tied_embeddings = True
+
+    def validate(self, cfg) -> None:
+        bad = [c for c in cfg.target_cases if c not in CASES]
+        if bad or not cfg.target_cases:
+            raise ConfigError(f"target_cases must be a non-empty subset of {', '.join(CASES)}, got {cfg.target_cases}")
+        if cfg.fillers < 0:
+            raise ConfigError(f"fillers must be >= 0, got {cfg.fillers}")
+
+    def tokenizer(self, cfg):
+        """Word-level, over the task's vocabulary (both splits) and the filler words."""
+        return word_level_tokenizer(task_vocabulary("theory_of_mind") + filler_words(cfg.fillers))
+
+    def frozen_words(self, cfg) -> list[str]:
+        """Every entity word: its embedding stays at its random initialisation."""
+        return [*CHARACTERS, *CONTAINERS, *DRINKS, *PLACES, *filler_words(cfg.fillers)]
+
+    def redrawn_words(self, cfg) -> list[str]:
+        """The fillers: fresh random embeddings at every step."""
+        return filler_words(cfg.fillers)
+
+    def rows(self, cfg, rng: random.Random, vocab: dict[str, int]) -> tuple[list[list[int]], list[list[int]]]:
+        """``batch_size`` training sequences (token ids) and their targets (-100 but at answers)."""
+        pools = entity_pools(cfg.fillers)
+        rows, targets = [], []
+        for _ in range(cfg.batch_size):
+            s = sample_story(rng, pools)
+            words = story_words(s)
+            tgt = [-100] * len(words)
+            for j in range(cfg.n_queries):
+                who, cont = (s.q, s.container) if j == 0 else (rng.choice((s.c1, s.c2)), rng.choice(s.containers))
+                q = question_words(who, cont, easy=j > 0 and rng.random() < cfg.easy_fraction)
+                answer = belief(s, who, cont)
+                words += q + [answer, "."]
+                tgt += [-100] * (len(q) - 1) + [vocab[answer], -100, -100]
+            rows.append([vocab[w] for w in words])
+            targets.append(tgt)
+        return rows, targets
+
+    def target_keys(self, cfg) -> list[str]:
+        return list(cfg.target_cases)
+
+    def report_keys(self, cfg) -> list[str]:
+        """Every case on the test split, then on the train split (``train:CASE``)."""
+        return list(CASES) + [TRAIN_PREFIX + c for c in CASES]
+
+    def accuracy(self, model, key: str, n: int, *, final: bool) -> float:
+        """Accuracy on ``n`` fresh prompts of one case: key ``CASE`` on the test split, ``train:CASE`` on
+        the train split; seeds 10000 + i (evaluations during training) or 20000 + i (final), +100 on train."""
+        split = "train" if key.startswith(TRAIN_PREFIX) else "test"
+        case = key.removeprefix(TRAIN_PREFIX)
+        seed = (20_000 if final else 10_000) + CASES.index(case) + (100 if split == "train" else 0)
+        data = make_task("theory_of_mind", model.tokenizer, n, seed=seed, cases=[case], split=split,
+                         n_reference=1)
+        return evaluate(model, data)["accuracy"]
+
+    def card_text(self, cfg) -> dict[str, str]:
+        """The task-specific sentences of the training card."""
+        return {
+            "title": "Tiny theory-of-mind model (trained by circuit-distill)",
+            "vocabulary": f"the `theory_of_mind` vocabulary plus {cfg.fillers} training-only words `e0..`",
+            "data": f"one story and {cfg.n_queries} questions per sequence (the first the task's question, "
+                    f"the three cases equally often; {cfg.easy_fraction:.0%} of the others in the easy form "
+                    "answered right after the container), entities from the train split and the filler "
+                    "words, entity embeddings frozen at their random initialisation (tied input/output), "
+                    "loss on the answers only",
+            "target": "held-out accuracy (test split: unseen names, containers, drinks) on "
+                      + ", ".join(cfg.target_cases),
+            "heldout": "`make_task('theory_of_mind', n={n}, cases=[CASE], split=SPLIT)`, seed 20000+i; `CASE`: "
+                       "test split (words never seen in training), `train:CASE`: train split (seed +100)",
+            "key": "case",
+            "chance": "A model that ignores visibility and answers what the container holds now gets "
+                      "true belief right and the two other cases wrong.",
+        }

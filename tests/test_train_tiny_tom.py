@@ -1,0 +1,177 @@
+"""train-tiny on theory of mind: training stories are the task's prompts, belief rule, frozen entity
+words, determinism from the seed, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from circuit_distill.cli import main
+from circuit_distill.errors import ConfigError
+from circuit_distill.model import load_model
+from circuit_distill.tasks import make_task
+from circuit_distill.tasks.theory_of_mind import CHARACTERS, DRINKS
+from circuit_distill.training.curricula import curriculum_for
+from circuit_distill.training.curricula.theory_of_mind import (
+    Story,
+    belief,
+    entity_pools,
+    question_words,
+    story_words,
+)
+from circuit_distill.training.tiny import (
+    TinyTrainConfig,
+    build_model,
+    lr_factor,
+    redraw_embeddings,
+    sample_batch,
+    tiny_optimizer,
+    tiny_step,
+    train_tiny,
+)
+
+
+def _mini(**kw) -> TinyTrainConfig:
+    base = dict(task="theory_of_mind", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, batch_size=8, fillers=16,
+                max_steps=12, eval_every=6, eval_n=10, report_n=10, checkpoint_every=6, warmup=5, lr=1e-2,
+                seed=0, threads=1)
+    base.update(kw)
+    return TinyTrainConfig(**base)
+
+
+def _parse(words: list[str]) -> Story:
+    """The story of a generator prompt, read back from its (fixed-layout) words."""
+    c1, c2, q = words[0], words[2], words[45]
+    return Story(c1=c1, c2=c2, q_index=0 if q == c1 else 1, place=words[8], containers=(words[14], words[26]),
+                 drinks=(words[19], words[31], words[43]), container=words[38], q_sees=words[46] == "can",
+                 p_sees=words[54] == "can")
+
+
+def test_rendered_story_and_belief_rule_match_the_task_generator():
+    tok = curriculum_for("theory_of_mind").tokenizer(_mini())
+    data = make_task("theory_of_mind", tok, 120, seed=5, split="test")
+    seen = set()
+    for i in range(len(data)):
+        ids = data.clean.input_ids[i][data.clean.attention_mask[i].bool()].tolist()
+        words = tok.convert_ids_to_tokens(ids)
+        s = _parse(words)
+        assert story_words(s) + question_words(s.q, s.container) == words  # token for token
+        answer = belief(s, s.q, s.container)
+        assert tok.convert_tokens_to_ids(answer) == int(data.answer_ids[i])
+        seen.add(data.metadata[i]["case"])
+    assert seen == {"true_belief", "false_belief", "unknown"}
+
+
+def test_belief_rule_on_every_question_of_a_story():
+    s = Story("Bob", "Carla", q_index=0, place="bar", containers=("cup", "jar"), drinks=("tea", "milk", "rum"),
+              container="cup", q_sees=False, p_sees=True)  # Carla refills Bob's cup unseen by Bob
+    assert belief(s, "Bob", "cup") == "tea"  # false belief
+    assert belief(s, "Bob", "jar") == "unknown"  # Bob never saw Carla fill her jar
+    assert belief(s, "Carla", "cup") == "rum" and belief(s, "Carla", "jar") == "milk"
+    assert belief(Story(**{**s.__dict__, "q_sees": True}), "Bob", "jar") == "milk"
+
+
+def test_training_batch_first_question_is_a_task_prompt_and_entities_come_from_train_and_fillers():
+    cfg = _mini(n_queries=3, easy_fraction=0.5, batch_size=32)
+    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
+    ids, mask, labels = sample_batch(cfg, tok, step=4)
+    pools = entity_pools(cfg.fillers)
+    allowed = set().union(*pools.values())
+    easy = 0
+    for r in range(ids.shape[0]):
+        words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
+        s = _parse(words)
+        assert words[:73] == story_words(s) + question_words(s.q, s.container)
+        targets = (labels[r] != -100).nonzero()[:, 0].tolist()
+        assert len(targets) == 3 and targets[0] == 72
+        assert tok.convert_ids_to_tokens(int(labels[r, 72])) == belief(s, s.q, s.container) == words[73]
+        for t in targets:
+            assert int(labels[r, t]) == int(ids[r, t + 1])  # the answer is the next token
+            easy += words[t] != ":"
+        assert {s.c1, s.c2, *s.containers, *s.drinks, s.place} <= allowed
+    assert 0 < easy < 64  # both forms among the extra questions
+    assert not set(CHARACTERS[1::2]) & allowed and not set(DRINKS[1::2]) & allowed  # test split never drawn
+
+
+def test_task_words_keep_their_random_embeddings_and_fillers_are_redrawn_each_step():
+    cfg = _mini()
+    cur = curriculum_for("theory_of_mind")
+    tok = cur.tokenizer(cfg)
+    hf = build_model(cfg, tok)
+    assert hf.get_output_embeddings().weight is hf.get_input_embeddings().weight  # tied
+    vocab = tok.get_vocab()
+    fillers = [vocab[w] for w in cur.redrawn_words(cfg)]
+    words = [vocab[w] for w in cur.frozen_words(cfg) if vocab[w] not in fillers]  # both splits' entities
+    template = [vocab[w] for w in ("believe", "unknown", "Question")]
+    before = hf.get_input_embeddings().weight.detach().clone()
+    assert before[words].std().item() == pytest.approx(cfg.d_model ** -0.5, rel=0.15)
+    opt = tiny_optimizer(hf, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    seen = []
+    for step in range(3):
+        tiny_step(hf, opt, sched, cfg, tok, step)
+        seen.append(hf.get_input_embeddings().weight.detach()[fillers].clone())
+    after = hf.get_input_embeddings().weight.detach()
+    assert torch.equal(after[words], before[words])  # train and test words alike: untouched
+    assert not torch.allclose(after[template], before[template])  # the template words learn
+    assert not torch.allclose(seen[0], seen[1]) and seen[1].std().item() == pytest.approx(cfg.d_model ** -0.5,
+                                                                                         rel=0.15)
+    hf2 = build_model(cfg, tok)
+    redraw_embeddings(hf2, cfg, tok, 2)
+    assert torch.equal(hf2.get_input_embeddings().weight[fillers], seen[2])  # a function of (seed, step)
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_same_seed_same_model_and_resume_matches_uninterrupted(tmp_path):
+    rec = train_tiny(_mini(), tmp_path / "a", progress=False, log=lambda m: None)
+    train_tiny(_mini(), tmp_path / "b", progress=False, log=lambda m: None)
+    train_tiny(_mini(max_steps=6), tmp_path / "part", progress=False, log=lambda m: None)
+    train_tiny(_mini(), tmp_path / "part", resume=True, progress=False, log=lambda m: None)
+    train_tiny(_mini(seed=1), tmp_path / "c", progress=False, log=lambda m: None)
+    a, b, part, c = (_weights(tmp_path / d) for d in ("a", "b", "part", "c"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], part[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert rec["first_loss"] > rec["history"][-1]["loss"]
+    assert set(rec["history"][-1]["accuracy"]) == {"true_belief", "false_belief", "unknown"}
+    assert set(rec["final_accuracy"]) == {"true_belief", "false_belief", "unknown", "train:true_belief",
+                                          "train:false_belief", "train:unknown"}
+    saved = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert saved["config"]["task"] == "theory_of_mind"
+    assert "theory-of-mind" in (tmp_path / "a" / "README.md").read_text()
+    model = load_model(tmp_path / "a")
+    assert model.hf.config.tie_word_embeddings
+    with pytest.raises(ConfigError, match="different configuration"):
+        train_tiny(_mini(fillers=8), tmp_path / "part", resume=True, progress=False, log=lambda m: None)
+
+
+def test_stopping_rule_on_cases_and_bad_configs(tmp_path):
+    with pytest.raises(ConfigError, match="target_accuracy"):
+        _mini(target_accuracy=0.0)
+    # "unknown" is the most frequent answer: the first case a fast-learning model gets right
+    rec = train_tiny(_mini(target_cases=["unknown"], target_accuracy=0.5, eval_every=3, lr=3e-2, max_steps=30),
+                     tmp_path / "m", progress=False, log=lambda m: None)
+    accs = [h["accuracy"]["unknown"] for h in rec["history"]]
+    assert rec["reached_target"] and rec["steps"] < 30 and rec["steps"] == 3 * len(accs)
+    assert accs[-1] >= 0.5 and all(a < 0.5 for a in accs[:-1])
+    with pytest.raises(ConfigError, match="target_cases"):
+        _mini(target_cases=["maybe"])
+    with pytest.raises(ConfigError, match="cannot train task"):
+        _mini(task="ioi")
+
+
+def test_cli_trains_theory_of_mind(tmp_path, capsys):
+    rc = main(["train-tiny", str(tmp_path / "m"), "--task", "theory_of_mind", "--layers", "1", "--d-model", "32",
+               "--fillers", "8", "--max-steps", "4", "--eval-every", "2", "--eval-n", "6", "--report-n", "6",
+               "--batch-size", "4", "--target-cases", "false_belief", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 4 and "train:unknown" in out["final_accuracy"]
+    rec = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert rec["config"]["target_cases"] == ["false_belief"] and set(rec["history"][0]["accuracy"]) == {"false_belief"}
