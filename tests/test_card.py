@@ -69,7 +69,9 @@ def test_write_card_replaces_its_section(tiny_dir, tmp_path):
 
 def test_model_card_cli_needs_a_local_directory(capsys):
     assert main(["model-card", "gpt2-like-hub-id", "--no-progress"]) == 2
-    assert "not a local model directory" in capsys.readouterr().err
+    assert "no such model directory 'gpt2-like-hub-id'" in capsys.readouterr().err
+    assert main(["model-card", "some-org/some-model", "--no-progress"]) == 2
+    assert "not a local model directory; pass --out DIR" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["entity-tracking-teacher", "entity-tracking-student"])
