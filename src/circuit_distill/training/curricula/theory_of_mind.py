@@ -3,14 +3,16 @@ the held-out measurement per case on words never seen in training.
 
 **Unseen words.** Competence is measured on the task's ``test`` split: characters, containers,
 drinks and places that never occur in training. A word-level model can answer with a word it never
-saw only if nothing it learned is specific to words, so every entity word (the task's four pools,
-both splits) keeps the random embedding it is initialised with (std 1/sqrt(d_model); input and
-output embeddings tied, those rows frozen, no weight decay), and the training stories draw their
-entities from the train split and from ``fillers`` training-only words ``e0 .. eN`` whose embeddings
-are drawn afresh at every step: the mechanism is learned on new random vectors all the time, so it
-cannot rest on features of particular vectors (the train split's words alone are too few: a model
-trained on them answers "unknown" for every unseen drink), and it applies to any new word.
-The template words (and the answer ``unknown``) are trained as usual.
+saw only if nothing it learned is specific to words. So every word of the task's entity pools (both
+splits) keeps the random embedding it is initialised with (std 1/sqrt(d_model); input and output
+embeddings tied, those rows frozen, no weight decay) and never occurs in training: the training
+stories draw their characters, containers, drinks and places from ``fillers`` training-only words
+``e0 .. eN`` whose embeddings are drawn afresh at every step. The mechanism is learned on new random
+vectors all the time, so it cannot rest on features of particular vectors, and it applies to the
+task's words (train and test split alike). Measured on the way: with the train split's words in the
+training draw, or fixed filler vectors, the model learns a bias towards the vectors it saw as
+answers and answers unseen drinks poorly. The template words (and the answer ``unknown``) are
+trained as usual; with ``fillers=0`` the stories use the train split's words.
 
 **Training sequences.** One story, then ``n_queries`` questions, the loss on the answers only. The
 first question is token for token a ``make_task("theory_of_mind")`` prompt and its answer (the
@@ -63,9 +65,9 @@ class Story:
 
 
 def entity_pools(fillers: int) -> dict[str, list[str]]:
-    """The training draw of each entity kind: the task's ``train`` split plus the filler words."""
-    extra = filler_words(fillers)
-    return {kind: list(pool)[0::2] + extra
+    """The training draw of each entity kind: the filler words (with no fillers, the task's ``train``
+    split)."""
+    return {kind: filler_words(fillers) or list(pool)[0::2]
             for kind, pool in (("characters", CHARACTERS), ("containers", CONTAINERS), ("drinks", DRINKS),
                                ("places", PLACES))}
 
@@ -181,13 +183,14 @@ class TheoryOfMindCurriculum:
             "vocabulary": f"the `theory_of_mind` vocabulary plus {cfg.fillers} training-only words `e0..`",
             "data": f"one story and {cfg.n_queries} questions per sequence (the first the task's question, "
                     f"the three cases equally often; {cfg.easy_fraction:.0%} of the others in the easy form "
-                    "answered right after the container), entities from the train split and the filler "
-                    "words, entity embeddings frozen at their random initialisation (tied input/output), "
-                    "loss on the answers only",
+                    "answered right after the container), entities drawn from the filler words only, their "
+                    "embeddings drawn afresh at every step, the task's entity words never seen and their "
+                    "embeddings frozen at their random initialisation (tied input/output), loss on the "
+                    "answers only",
             "target": "held-out accuracy (test split: unseen names, containers, drinks) on "
                       + ", ".join(cfg.target_cases),
             "heldout": "`make_task('theory_of_mind', n={n}, cases=[CASE], split=SPLIT)`, seed 20000+i; `CASE`: "
-                       "test split (words never seen in training), `train:CASE`: train split (seed +100)",
+                       "test split, `train:CASE`: train split (seed +100); with fillers, no split is seen in training",
             "key": "case",
             "chance": "A model that ignores visibility and answers what the container holds now gets "
                       "true belief right and the two other cases wrong.",
