@@ -13,7 +13,13 @@ call, sampled every millisecond, each measurement in a fresh child process start
 peaks. The sweeps are timed once each, in those children (the naive loop takes minutes).
 Goals: training step >= 1.5x, fast sweep >= 2.5x, sweep max abs diff <= 1e-4.
 
-    .venv/bin/python benchmarks/real_models.py [--repeats 5] [--batch 16] [--sweep-prompts 8]
+    .venv/bin/python benchmarks/real_models.py [--repeats 5] [--batch 16] [--sweep-prompts 8] [--threads N]
+        [--model gemma3-270m]
+
+``--threads`` sets torch's thread count in every process (default: torch's own). On a machine whose
+cores are shared with other busy jobs, two threads spend much of each operation waiting for each
+other (every op is a barrier), which flattens the ratios; ``--threads 1`` measures the work.
+``--model`` measures another packaged model (written to ``real_models-<model>.json``).
 
 Needs ``make setup-real`` (the first load dequantises SmolLM2 into the cache, about a minute).
 """
@@ -35,7 +41,7 @@ from circuit_distill import load_model, make_task
 from circuit_distill.discovery import SweepResult, ablation_sweep
 from circuit_distill.model.logits import answer_logits, select_positions
 
-MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -85,7 +91,7 @@ def sweep(model, prompts: int, fast: bool) -> SweepResult:
 def child(kind: str, args) -> None:
     """Measure one variant in this (fresh) process and print a JSON line."""
     torch.manual_seed(0)
-    model = load_model(MODEL)
+    model = load_model(args.model)
     if kind.startswith("train"):
         model.hf.train(False)
         data = train_data(model, args.batch)
@@ -103,7 +109,9 @@ def child(kind: str, args) -> None:
 def run_child(kind: str, args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--child", kind, "--batch", str(args.batch),
-           "--sweep-prompts", str(args.sweep_prompts)]
+           "--sweep-prompts", str(args.sweep_prompts), "--model", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -113,7 +121,7 @@ def time_train_steps(args) -> tuple[float, int, dict[str, float], dict[str, floa
     median seconds per variant, last loss per variant)."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = load_model(MODEL)
+    model = load_model(args.model)
     load_seconds = time.perf_counter() - t0
     data = train_data(model, args.batch)
     losses: dict[str, float] = {}
@@ -134,8 +142,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed training steps per variant")
     ap.add_argument("--batch", type=int, default=16, help="prompts per training step")
     ap.add_argument("--sweep-prompts", type=int, default=8)
+    ap.add_argument("--threads", type=int, help="torch threads in every process (default: torch's own)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a packaged model's short name")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child, args)
     load_seconds, seq, steps, losses = time_train_steps(args)
@@ -143,7 +155,7 @@ def main() -> None:
     sweeps = {k: run_child(k, args) for k in ("sweep_fast", "sweep_naive")}
     fast, naive = (SweepResult.from_dict(sweeps[k]["result"]) for k in ("sweep_fast", "sweep_naive"))
     res = {
-        "model": MODEL,
+        "model": args.model,
         "train_step_full_over_answer_only": steps["full"] / steps["answer_only"],
         "sweep_naive_over_fast": sweeps["sweep_naive"]["seconds"] / sweeps["sweep_fast"]["seconds"],
         "sweep_max_abs_diff": max_abs_diff(fast, naive),
@@ -159,7 +171,7 @@ def main() -> None:
         "repeats": args.repeats,
         "goals": {"train_step_full_over_answer_only": 1.5, "sweep_naive_over_fast": 2.5, "sweep_max_abs_diff": 1e-4},
     }
-    path = write_results("real_models", res)
+    path = write_results("real_models" if args.model == DEFAULT_MODEL else f"real_models-{args.model}", res)
     print_table([
         ("train step (full / answer-only)", f"{steps['full']:.2f} s / {steps['answer_only']:.2f} s",
          f"{res['train_step_full_over_answer_only']:.2f}x",
