@@ -303,7 +303,8 @@ def test_runner_loop_skips_finished_and_claimed_runs_and_summarises(tmp_path, mo
     assert method["goal_met"] and method["gain_vs_best_control"]["mean"] == pytest.approx(0.25)
     assert method["role_gain_vs_controls"]["random"]["mean"] == pytest.approx(0.8 - 0.61)
     control = next(c for c in cells if c["row"] == "ce+shuffled_cka")
-    assert "helps" not in control and control["gain_vs_ce"]["mean"] == 0
+    assert control["helps"] is None and control["gain_vs_best_control"] is None
+    assert control["gain_vs_ce"]["mean"] == 0
 
 
 @pytest.mark.slow
@@ -365,3 +366,15 @@ def test_study_with_every_control_in_two_worker_processes(pair, tmp_path):
     every = next(c for c in res["cells"] if c["trainable"] == "all" and c["row"] == "ce")
     assert every["trained_param_fraction"] == pytest.approx(1.0)
     assert not list((out / "runs").glob("*.claim"))
+
+
+def test_study_command_refuses_bad_settings_in_one_line(tmp_path, capsys):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("rows: [ce, ce+align_cka@nope]\n")
+    assert main(["study", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown matcher 'nope'" in err[0]
+    cfg.write_text("steps: 0\n")
+    assert main(["study", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

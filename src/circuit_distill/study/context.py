@@ -9,6 +9,8 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 
+import torch
+
 from ..distill import TeacherCache, build_cache
 from ..distill.teacher import untrained_teacher
 from ..errors import CircuitDistillError
@@ -61,6 +63,8 @@ class StudyContext:
     """The shared parts of a study's runs (see the module docstring); ``log`` receives progress lines."""
 
     def __init__(self, cfg: StudyConfig, log=print):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.cfg, self.log = cfg, log
         self.teacher = load_model(cfg.teacher)
         self.data = make_data(cfg, self.teacher.tokenizer)

@@ -151,7 +151,7 @@ def study_sections(results: dict) -> list[str]:
     takes these)."""
     p, cells = results["protocol"], results["cells"]
     warmths, scopes, positions = list(p["students"]), p["trainable"], p["positions"]
-    methods = [r for r in dict.fromkeys(c["row"] for c in cells) if any(c["row"] == r and "helps" in c for c in cells)]
+    methods = [r for r in dict.fromkeys(c["row"] for c in cells) if any(c["row"] == r and c.get("helps") is not None for c in cells)]
     parts = [f"<h2>Verdict</h2><p>{html.escape(results['verdict'])}</p>"]
     for row in methods:
         parts += [f"<h2>{html.escape(row)}</h2>",

@@ -101,6 +101,8 @@ def decide(cfg: StudyConfig, summary: dict, by_row: dict[str, dict[int, dict]]) 
 
     vs_ce = over("ce")
     summary["gain_vs_ce"], summary["gain_vs_ce_eval"] = as_dict(vs_ce), as_dict(over("ce", "correct_eval"))
+    for key in ("gain_vs_controls", "gain_vs_best_control", "role_gain_vs_controls", "helps", "transferred", "goal_met"):
+        summary[key] = None  # (set below for a row the rule applies to: aligned, not a control)
     if summary["control"] or not cfg.row_specs()[summary["row"]].aligns:
         return
     controls = {c: over(name) for c, name in CONTROLS.items() if name in by_row}

@@ -67,7 +67,7 @@ def run_workers(cfg: StudyConfig, out: Path, jobs: int, bar, log) -> None:
 
 def verdict(cells: list[dict]) -> str:
     """One paragraph: in how many cells each aligned row helps, transferred, and met the goal."""
-    rows = [c for c in cells if "helps" in c]
+    rows = [c for c in cells if c.get("helps") is not None]
     if not rows:
         return "No aligned row with ce and controls has finished runs yet."
     parts = []
@@ -83,9 +83,10 @@ def without_bits(record: dict) -> dict:
 
 
 def write_results(cfg: StudyConfig, out: Path, ctx: StudyContext | None = None, *, log=print,
-                  runtime: float = 0.0) -> dict:
+                  runtime: float | None = None) -> dict:
     """Summarise every finished run of ``out`` into ``results.json`` and ``report.html``; return the results.
-    ``ConfigError`` if ``out`` holds runs of other settings."""
+    ``runtime``: the wall time of the study command (None when only summarising). ``ConfigError`` if ``out``
+    holds runs of other settings."""
     check_settings(out, cfg)
     runs = finished(out, cfg)
     ctx = ctx or StudyContext(cfg, log)

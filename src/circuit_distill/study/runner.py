@@ -14,8 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from ..distill import DistillConfig, distill, pair_cka
 from ..errors import ConfigError
 from ..files import atomic_write_json
@@ -152,8 +150,6 @@ def work(cfg: StudyConfig, out: Path, *, ctx: StudyContext | None = None, log=pr
     parts ``ctx`` are built on the first run if not given); returns how many this process ran.
     ``on_done(record)`` is called after each one is saved; ``stop()`` (if given) before each run: True ends
     the loop (a worker whose parent died)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     runs, n = out / RUNS, 0
     for key in study_runs(cfg):
         if stop is not None and stop():
