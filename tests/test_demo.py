@@ -111,7 +111,10 @@ def count_sweeps(monkeypatch) -> list[tuple]:
     original = sweep_module.ablation_sweep
     calls: list[tuple] = []
 
+    alive = []  # keep every swept model alive, so no two of them can share an id()
+
     def counted(model, task_data, *a, **kw):
+        alive.append(model)
         calls.append((id(model.hf), hash(task_data.clean.input_ids.numpy().tobytes())))
         return original(model, task_data, *a, **kw)
 
