@@ -48,6 +48,18 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def distill_pair_dirs(tmp_path_factory):
+    """A tiny Llama teacher (3 layers, d_model 64) and student (2 layers, d_model 32), 4 heads over 2 KV heads,
+    saved once per session: the trainer, its steps and the IIT tests share them (they only read them)."""
+    from circuit_distill import tiny_model
+
+    root = tmp_path_factory.mktemp("distill_pair")
+    t = tiny_model("llama", root / "teacher", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=1)
+    s = tiny_model("llama", root / "student", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=2)
+    return t, s
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     from circuit_distill import tiny_model
 

@@ -16,7 +16,7 @@ from circuit_distill.distill.teacher import open_teacher_source, teacher_needed
 from circuit_distill.distill.trainer import train_step
 from circuit_distill.errors import ConfigError
 from circuit_distill.matching import ComponentMap
-from circuit_distill.model import Component, capture, load_model, tiny_model
+from circuit_distill.model import Component, capture, load_model
 from circuit_distill.tasks import make_task
 from circuit_distill.tasks.base import Batch
 from circuit_distill.tasks.positions import select_rows, task_positions
@@ -26,11 +26,8 @@ CMAP = ComponentMap([(H(1, 0), H(2, 1)), (H(0, 2), H(1, 3)), (H(1, 3), H(0, 0))]
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("steps")
-    t = tiny_model("llama", root / "t", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=1)
-    s = tiny_model("llama", root / "s", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=2)
-    return t, s
+def dirs(distill_pair_dirs):
+    return distill_pair_dirs
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from circuit_distill.distill.objectives import get_objective, objective_loss
 from circuit_distill.distill.trainer import distill
 from circuit_distill.errors import ConfigError
 from circuit_distill.matching import ComponentMap
-from circuit_distill.model import Component, capture, load_model, tiny_model
+from circuit_distill.model import Component, capture, load_model
 from circuit_distill.tasks import make_task
 
 H = Component.make_head
@@ -32,11 +32,8 @@ CMAP = ComponentMap([(H(1, 0), H(2, 1)), (H(1, 2), H(1, 3))])
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("iit")
-    t = tiny_model("llama", root / "t", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=1)
-    s = tiny_model("llama", root / "s", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=2)
-    return t, s
+def dirs(distill_pair_dirs):
+    return distill_pair_dirs
 
 
 @pytest.fixture(scope="module")

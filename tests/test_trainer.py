@@ -9,16 +9,13 @@ from circuit_distill.distill.cache import build_cache
 from circuit_distill.distill.config import DistillConfig
 from circuit_distill.distill.trainer import NonFiniteLossError, distill
 from circuit_distill.matching import ComponentMap
-from circuit_distill.model import Component, load_model, tiny_model
+from circuit_distill.model import Component, load_model
 from circuit_distill.tasks import make_task
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    t = tiny_model("llama", root / "teacher", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=1)
-    s = tiny_model("llama", root / "student", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=2)
-    return t, s
+def dirs(distill_pair_dirs):
+    return distill_pair_dirs
 
 
 @pytest.fixture

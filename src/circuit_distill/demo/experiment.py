@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, option
+from ..config import option
 from ..errors import ConfigError
-from ..tasks import make_task
+from ..study.protocol import ProtocolConfig
 
-TEACHER = "builtin:entity-tracking-teacher"
 STUDENT = "builtin:entity-tracking-student"
 # row name -> (objective preset, component-map key, trainable subset). For ``ce+random_cka`` the
 # trainer keeps the map's student heads (so the trainable subset is the same) and pairs each with a
@@ -43,34 +42,16 @@ REPORT_ROW = "ce+align_cka"  # the row whose first seed's comparison the report 
 
 
 @dataclass
-class DemoConfig(Config):
-    """Everything that defines the demo's experiment. Change it here or with ``--set key=value``."""
+class DemoConfig(ProtocolConfig):
+    """Everything that defines the demo's experiment: the protocol it shares with the study
+    (``ProtocolConfig``) and its own rows and circuits. Change it here or with ``--set key=value``."""
 
     label = "demo setting"
 
-    teacher: str = option(TEACHER, "the teacher: a model directory, a builtin: name or a hub id")
     student: str = option(STUDENT, "the student to distil into (a fresh copy for every run)")
-    seeds: list[int] = option(help="seeds; each changes the batch order of every row alike",
-                              factory=lambda: [0, 1, 2])
-    steps: int = option(300, "distillation steps per run")
-    batch_size: int = option(32, "prompts per step")
-    lr: float = option(3e-3, "learning rate (AdamW), shared by every row")
-    warmup: int = option(20, "linear warmup steps")
-    lam: float = option(1.0, "weight of the alignment term")
     positions: str = option("all", "alignment rows: 'all' real tokens, 'last', or a task position's name")
-    # the teacher was trained on 2-7 boxes; the student is distilled on 2-5 and also tested on 7
-    # (more boxes than it is distilled on, where the teacher is still >= 0.98)
-    train_boxes: str = option("2-5", "box counts of the training prompts")
-    eval_boxes: int = option(5, "box count of the held-out evaluation set")
-    hard_boxes: int = option(7, "box count of the harder held-out split")
-    n_train: int = option(2000, "training prompts")
-    n_eval: int = option(200, "prompts in each held-out set")
-    n_discovery: int = option(200, "prompts for circuit discovery, matching and comparison")
-    eval_every: int = option(50, "steps between evaluations (the accuracy curves)")
     circuit: str = option("top_k", "each model's circuit: 'top_k' heads by mean-ablation effect, or 'pruned'")
-    circuit_top_k: int = option(4, "heads per circuit with circuit='top_k'")
     circuit_threshold: float = option(0.2, "pruning cost threshold (fraction of the metric) with circuit='pruned'")
-    data_seed: int = option(1234, "seed of every prompt set (each set has its own stream)")
     extra_matchers: list[str] = option(help=f"extra ce+align_cka rows by matcher, from {', '.join(EXTRA_MATCHERS)}",
                                        factory=lambda: list(OUR_MATCHERS))
     trainable: str = option("matched_heads", "what every row but ce@all trains: 'matched_heads' (the "
@@ -105,16 +86,3 @@ def demo_rows(cfg: DemoConfig, maps: dict) -> dict[str, tuple[str, str, str, dic
     if cfg.iit_rows:
         rows.update({name: (obj, key, scoped(subset), dict(extra)) for name, (obj, key, subset, extra) in IIT_ROWS.items()})
     return rows
-
-
-def make_data(cfg: DemoConfig, tokenizer) -> dict:
-    """Training prompts, held-out sets at the evaluation and harder box counts, and a discovery set.
-
-    Every set is drawn from its own seed stream, so no prompt is shared between them."""
-    s = cfg.data_seed
-    return {
-        "train": make_task("entity_tracking", tokenizer, cfg.n_train, seed=s, n_boxes=cfg.train_boxes),
-        "eval": make_task("entity_tracking", tokenizer, cfg.n_eval, seed=s + 1, n_boxes=cfg.eval_boxes),
-        "hard": make_task("entity_tracking", tokenizer, cfg.n_eval, seed=s + 2, n_boxes=cfg.hard_boxes),
-        "discovery": make_task("entity_tracking", tokenizer, cfg.n_discovery, seed=s + 3, n_boxes=cfg.eval_boxes),
-    }

@@ -24,7 +24,7 @@ from ..files import atomic_write_json
 from ..matching import discover_and_match
 from ..model import load_model
 from ..tasks import evaluate
-from .experiment import REPORT_ROW, DemoConfig, demo_rows, make_data
+from .experiment import REPORT_ROW, DemoConfig, demo_rows
 from .report import write_demo_report
 from .tables import format_table, summarise_rows
 
@@ -167,7 +167,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
     runs = finished_runs(out, cfg, overwrite)
     torch.manual_seed(cfg.data_seed)
     teacher, student0 = load_pair(cfg, log)
-    data = make_data(cfg, teacher.tokenizer)
+    data = cfg.make_data(teacher.tokenizer)
     ev = {"eval": data["eval"], "hard": data["hard"]}
     t_acc, s_acc = accuracies(teacher, ev), accuracies(student0, ev)
     log(f"teacher accuracy {t_acc['eval']:.3f} at {cfg.eval_boxes} boxes, {t_acc['hard']:.3f} at {cfg.hard_boxes}; "

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, option
+from ..config import option
 from ..distill.objectives import get_objective
 from ..errors import ConfigError
 from ..matching.pipeline import MATCHERS
+from .protocol import ProtocolConfig
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,12 @@ def parse_row(name: str) -> Row:
 
 
 @dataclass
-class StudyConfig(Config):
-    """Everything that defines a study (docs/study/PROTOCOL.md). Load it with ``load_config(StudyConfig, path)``."""
+class StudyConfig(ProtocolConfig):
+    """Everything that defines a study (docs/study/PROTOCOL.md): the shared protocol (``ProtocolConfig``: teacher,
+    budget, prompt sets), the grid and the analysis. Load it with ``load_config(StudyConfig, path)``."""
 
     label = "study setting"
 
-    teacher: str = option("builtin:entity-tracking-teacher", "the teacher (a model directory or builtin: name)")
     students: dict = option(help="warmth level -> warm student (same tokenizer as the teacher), coldest first",
                             factory=lambda: {"cold": "builtin:entity-tracking-student-cold",
                                              "partial": "builtin:entity-tracking-student",
@@ -100,23 +101,10 @@ class StudyConfig(Config):
                                  factory=dict)
     seeds: list[int] = option(help="seeds; each changes the batch order of every row alike",
                               factory=lambda: [0, 1, 2, 3, 4])
-    steps: int = option(300, "distillation steps per run")
-    batch_size: int = option(32, "prompts per step")
-    lr: float = option(3e-3, "learning rate (AdamW), shared by every row")
-    warmup: int = option(20, "linear warmup steps")
-    lam: float = option(1.0, "weight of the alignment term")
-    train_boxes: str = option("2-5", "box counts of the training prompts")
-    eval_boxes: int = option(5, "box count of the held-out evaluation set")
-    hard_boxes: int = option(7, "box count of the harder held-out split (the decision rule's)")
-    n_train: int = option(2000, "training prompts")
     n_eval: int = option(1000, "prompts in each held-out set (final accuracies and the bootstrap)")
     n_curve: int = option(250, "first prompts of each held-out set evaluated along the way (the curves)")
-    n_discovery: int = option(200, "prompts for circuit discovery, matching and the transfer check")
-    eval_every: int = option(50, "steps between curve evaluations")
     targets: list[float] = option(help="accuracies (harder split) whose first step is reported",
                                   factory=lambda: [0.3, 0.5])
-    circuit_top_k: int = option(4, "heads per circuit (top-k by mean-ablation effect)")
-    data_seed: int = option(1234, "seed of every prompt set (each set has its own stream)")
     untrained_seed: int = option(0, "initialisation seed of the untrained teacher")
     n_boot: int = option(2000, "bootstrap resamples of every CI")
     ci_level: float = option(0.95, "level of every CI")

@@ -17,22 +17,9 @@ from ..errors import CircuitDistillError
 from ..matching import discover_and_match
 from ..matching.pipeline import MatchedCircuits
 from ..model import load_model
-from ..tasks import make_task
 from .answers import correct_answers, to_bits
 from .config import StudyConfig
 from .transfer import Roles, teacher_roles, transfer_check
-
-
-def make_data(cfg: StudyConfig, tokenizer) -> dict:
-    """Training prompts, held-out sets at the evaluation and harder box counts, and a discovery set, each
-    drawn from its own seed stream (no prompt is shared between them)."""
-    s = cfg.data_seed
-    return {
-        "train": make_task("entity_tracking", tokenizer, cfg.n_train, seed=s, n_boxes=cfg.train_boxes),
-        "eval": make_task("entity_tracking", tokenizer, cfg.n_eval, seed=s + 1, n_boxes=cfg.eval_boxes),
-        "hard": make_task("entity_tracking", tokenizer, cfg.n_eval, seed=s + 2, n_boxes=cfg.hard_boxes),
-        "discovery": make_task("entity_tracking", tokenizer, cfg.n_discovery, seed=s + 3, n_boxes=cfg.eval_boxes),
-    }
 
 
 @dataclass
@@ -67,7 +54,7 @@ class StudyContext:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.log = cfg, log
         self.teacher = load_model(cfg.teacher)
-        self.data = make_data(cfg, self.teacher.tokenizer)
+        self.data = cfg.make_data(self.teacher.tokenizer)
         n = min(cfg.n_curve, cfg.n_eval)
         self.curve_sets = {k: self.data[k].subset(slice(0, n)) for k in ("eval", "hard")}
         self._students: dict[str, WarmStudent] = {}
