@@ -1,8 +1,8 @@
 """The study's grid: every run it trains (``RunKey``), in the order it trains them, and its cells.
 
 A *cell* is one (warmth, trainable scope, alignment positions) setting; its rows are compared with each
-other on the same data, steps, learning rate and seeds. A row without an alignment term (``ce``, ``kd``)
-does not depend on the positions, so one run of it (positions ``-``) serves every cell of its warmth and
+other on the same data, steps, learning rate and seeds. A row without an alignment or intervention term
+(``ce``, ``kd``) does not depend on the positions, so one run of it (positions ``-``) serves every cell of its warmth and
 scope. Runs are ordered seed first, so an interrupted study has every cell at its first seeds.
 """
 
@@ -45,7 +45,7 @@ class Cell:
     def run_of(self, cfg: StudyConfig, row: str, seed: int) -> RunKey | None:
         """The run of ``row`` at ``seed`` that this cell uses (None if the row does not run at its positions)."""
         spec = cfg.row_specs()[row]
-        pos = self.positions if spec.aligns else NO_POSITIONS
+        pos = self.positions if spec.positioned else NO_POSITIONS
         if pos not in cfg.positions_of(spec):
             return None
         return RunKey(self.warmth, self.trainable, pos, row, seed)

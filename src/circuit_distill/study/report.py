@@ -127,9 +127,12 @@ def fmt_gain(g: dict | None) -> str:
 
 
 def cell_table(cells: list[dict]) -> str:
-    """Every (cell, row) as one HTML table row; rows that help are shaded."""
+    """Every (cell, row) as one HTML table row; rows that help are shaded (with the IIA of the paper's pairs
+    before and after, and its gain over the random-pairs IIT control, if measured)."""
+    iia = any("iia_after" in c for c in cells)
     head = ("warmth", "scope", "positions", "row", "acc", "acc hard", "gain vs ce (hard)", "gain vs best control",
-            "role before → after", "A after", "trained %", "helps", "transferred")
+            "role before → after", "A after", "trained %", "helps", "transferred") + (
+            ("IIA before → after", "IIA gain vs random_iit", "goal") if iia else ())
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for c in cells:
         best = c.get("gain_vs_best_control")
@@ -139,6 +142,10 @@ def cell_table(cells: list[dict]) -> str:
                 f"{c['role_similarity_before']:.3f} → {c['role_similarity_after']:.3f}", f"{c['alignment_after']:.3f}",
                 f"{100 * c['trained_param_fraction']:.1f}", {True: "yes", False: "no"}.get(c.get("helps"), ""),
                 {True: "yes", False: "no"}.get(c.get("transferred"), ""))
+        if iia:
+            vals += (f"{c['iia_before']:.3f} → {c['iia_after']:.3f}",
+                     fmt_gain((c.get("iia_gain_vs_controls") or {}).get("random_iit")),
+                     {True: "yes", False: "no"}.get(c.get("goal_met"), ""))
         cls = ' class="yes"' if c.get("helps") else ""
         out.append(f"<tr{cls}>" + "".join(f'<td{" class=l" if i < 4 else ""}>{html.escape(str(v))}</td>'
                                          for i, v in enumerate(vals)) + "</tr>")

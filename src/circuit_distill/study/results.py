@@ -7,6 +7,14 @@ role similarity of the paper's matched pairs rose (mean after > before) and the 
 similarity over the random-pairs and over the shuffled-examples control lies above 0 (bootstrap over
 seeds). The *goal* is a helping row whose gains over ``ce`` and every control are at least
 ``goal_margin``, that trains at most ``goal_trained_fraction`` of the student, and whose mechanism transferred.
+
+Rows with interventions (docs/study/PROTOCOL-IIT.md) have their own controls (``StudyConfig.controls_of``: the
+random-pairs IIT control ``random_iit`` and the sanity rows, beside the CKA controls if they also align); the
+rule above applies with them (role similarity against ``random_iit``). Their *goal* is the issue's: gains over
+``ce`` and over ``ce+random_iit`` of at least ``goal_margin`` with CIs above 0, and an IIA of the paper's pairs
+(after) above the random-pairs control's by at least ``goal_iia_margin`` with a CI above 0 (bootstrap over
+seeds). With ``iia`` every row also has its IIA before and after (means over seeds) and, for a rule row, its IIA
+gains over ``ce`` and every control.
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ from __future__ import annotations
 import numpy as np
 
 from .answers import from_bits
-from .config import CONTROLS, StudyConfig
+from .config import IIT_CONTROLS, StudyConfig
 from .grid import Cell, study_cells
 from .stats import Gain, paired_gain
 
-ROLE_CONTROLS = ("random", "shuffled")  # the controls the transfer rule compares role similarity with
+ROLE_CONTROLS = ("random", "shuffled", "random_iit")  # the controls the transfer rule compares role similarity with
+IIA_KEYS = ("iia_gain_vs_ce", "iia_gain_vs_controls")  # (with iia only)
+RANDOM_IIT = next(iter(IIT_CONTROLS))  # the control label of the IIT goal
 
 
 def cell_runs(cfg: StudyConfig, runs: dict[str, dict], cell: Cell) -> dict[str, dict[int, dict]]:
@@ -30,6 +40,17 @@ def cell_runs(cfg: StudyConfig, runs: dict[str, dict], cell: Cell) -> dict[str, 
             if key is not None and key.id in runs:
                 out.setdefault(row, {})[seed] = runs[key.id]
     return out
+
+
+IIT_RULE = ("rows with interventions: the same rule with their own controls (ce+random_iit and the sanity rows), "
+            "role similarity against ce+random_iit; their goal: harder-split gains over ce and over ce+random_iit of "
+            "at least goal_margin with CIs above 0, and an IIA of the paper's matched pairs above ce+random_iit's "
+            "by at least goal_iia_margin with a CI above 0 (bootstrap over seeds)")
+
+
+def iit_protocol(cfg: StudyConfig) -> dict:
+    """``{decision_rule_iit: ...}`` for ``results.json``'s protocol if a row has interventions, else ``{}``."""
+    return {"decision_rule_iit": IIT_RULE} if any(r.uses_iit for r in cfg.row_specs().values()) else {}
 
 
 def gain(a: dict[int, dict], b: dict[int, dict], cfg: StudyConfig, field: str = "correct_hard") -> Gain | None:
@@ -84,6 +105,7 @@ def row_summary(cfg: StudyConfig, cell: Cell, row: str, runs: dict[int, dict], b
            (("", "role"), ("attention_", "attention"), ("effect_", "effect"))},
         **{f"role_similarity_{part}after": mean_of(runs, "role_after", key) for part, key in
            (("", "role"), ("attention_", "attention"), ("effect_", "effect"))},
+        **({"iia_before": mean_of(runs, "iia_before"), "iia_after": mean_of(runs, "iia_after")} if cfg.iia else {}),
     }
 
 
@@ -91,31 +113,51 @@ def as_dict(g: Gain | None) -> dict | None:
     return g.to_dict() if g is not None else None
 
 
+def iit_goal(cfg: StudyConfig, vs_ce: Gain | None, vs_random: Gain | None, iia_vs_random: Gain | None) -> bool:
+    """The goal of a row with interventions: its harder-split gains over ``ce`` and over the random-pairs IIT
+    control at least ``goal_margin`` with CIs above 0, and its IIA gain over that control at least
+    ``goal_iia_margin`` with a CI above 0."""
+    acc = (vs_ce, vs_random)
+    return bool(all(g is not None and g.ci_low > 0 and g.mean >= cfg.goal_margin for g in acc)
+                and iia_vs_random is not None and iia_vs_random.ci_low > 0
+                and iia_vs_random.mean >= cfg.goal_iia_margin)
+
+
 def decide(cfg: StudyConfig, summary: dict, by_row: dict[str, dict[int, dict]]) -> None:
-    """Add to ``summary`` its gains over ``ce``; for an aligned row that is not a control also its gains over
-    the controls, the best control, the role comparison with the controls, and the decision rule's verdicts."""
-    row = by_row[summary["row"]]
+    """Add to ``summary`` its gains over ``ce``; for a row with alignment or interventions that is not a control
+    also its gains over its controls, the best control, the role comparison with the controls, and the decision
+    rule's verdicts (and with ``iia`` its IIA gains)."""
+    row, spec = by_row[summary["row"]], cfg.row_specs()[summary["row"]]
 
     def over(other: str, field: str = "correct_hard") -> Gain | None:
         return gain(row, by_row[other], cfg, field) if other in by_row else None
 
     vs_ce = over("ce")
     summary["gain_vs_ce"], summary["gain_vs_ce_eval"] = as_dict(vs_ce), as_dict(over("ce", "correct_eval"))
-    for key in ("gain_vs_controls", "gain_vs_best_control", "role_gain_vs_controls", "helps", "transferred", "goal_met"):
-        summary[key] = None  # (set below for a row the rule applies to: aligned, not a control)
-    if summary["control"] or not cfg.row_specs()[summary["row"]].aligns:
+    keys = ("gain_vs_controls", "gain_vs_best_control", "role_gain_vs_controls", "helps", "transferred", "goal_met")
+    for key in keys + (IIA_KEYS if cfg.iia else ()):
+        summary[key] = None  # (set below for a row the rule applies to: aligned or intervened, not a control)
+    if summary["control"] or not spec.positioned:
         return
-    controls = {c: over(name) for c, name in CONTROLS.items() if name in by_row}
+    names = {c: n for c, n in cfg.controls_of(spec).items() if n in by_row}
+    controls = {c: over(n) for c, n in names.items()}
     summary["gain_vs_controls"] = {c: as_dict(v) for c, v in controls.items()}
-    best = max(controls, key=lambda c: mean_of(by_row[CONTROLS[c]], "acc_hard"), default=None)
+    best = max(controls, key=lambda c: mean_of(by_row[names[c]], "acc_hard"), default=None)
     summary["gain_vs_best_control"] = {"control": best, **controls[best].to_dict()} if best else None
-    roles = {c: over(CONTROLS[c], "role_after.role") for c in ROLE_CONTROLS if CONTROLS[c] in by_row}
+    roles = {c: over(names[c], "role_after.role") for c in ROLE_CONTROLS if c in names}
     summary["role_gain_vs_controls"] = {c: as_dict(v) for c, v in roles.items()}
     rise = summary["role_similarity_after"] - summary["role_similarity_before"]
     summary["helps"] = bool(vs_ce is not None and vs_ce.ci_low > 0 and controls
                             and all(v.ci_low > 0 for v in controls.values()))
     summary["transferred"] = bool(rise > 0 and roles and all(v.ci_low > 0 for v in roles.values()))
+    iia = {c: over(n, "iia_after") for c, n in names.items()} if cfg.iia else {}
+    if cfg.iia:
+        summary["iia_gain_vs_ce"] = as_dict(over("ce", "iia_after"))
+        summary["iia_gain_vs_controls"] = {c: as_dict(v) for c, v in iia.items()}
     m = cfg.goal_margin
+    if spec.uses_iit:
+        summary["goal_met"] = iit_goal(cfg, vs_ce, controls.get(RANDOM_IIT), iia.get(RANDOM_IIT))
+        return
     summary["goal_met"] = bool(summary["helps"] and summary["transferred"] and vs_ce.mean >= m
                                and all(v.mean >= m for v in controls.values())
                                and summary["trained_param_fraction"] <= cfg.goal_trained_fraction)

@@ -16,7 +16,7 @@ from .config import StudyConfig
 from .context import StudyContext
 from .grid import study_runs
 from .report import write_study_report
-from .results import summarise_study
+from .results import iit_protocol, summarise_study
 from .runner import RUNS, check_settings, finished, finite_or_none, prepare_out, work
 
 WORKER_CONFIG = "study_config.yaml"
@@ -93,7 +93,7 @@ def write_results(cfg: StudyConfig, out: Path, ctx: StudyContext | None = None, 
     before = {w: ctx.student(w).before for w in cfg.students}
     cells = summarise_study(cfg, runs, before)
     results = {
-        "protocol": {**cfg.to_dict(), "decision_rule": DECISION_RULE, "n_eval_prompts": cfg.n_eval,
+        "protocol": {**cfg.to_dict(), "decision_rule": DECISION_RULE, **iit_protocol(cfg), "n_eval_prompts": cfg.n_eval,
                      "primary_metric": f"accuracy on the harder split ({cfg.hard_boxes} boxes)"},
         "teacher": without_bits(ctx.teacher_record()),
         "students": {w: without_bits(b) for w, b in before.items()},

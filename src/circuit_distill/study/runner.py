@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 
 from ..distill import DistillConfig, distill, pair_cka
+from ..distill.iit import Interchange, cache_interchanges, pair_iia, teacher_head_sets
+from ..distill.objectives import get_objective
+from ..distill.pairs import choose_pairs
 from ..errors import ConfigError
 from ..files import atomic_write_json
 from .answers import correct_answers, to_bits
-from .config import SCOPES, StudyConfig
+from .config import LATER_KEYS, SCOPES, StudyConfig
 from .context import StudyContext
 from .grid import RunKey, study_runs
 from .transfer import transfer_check
@@ -54,15 +57,52 @@ def steps_to(curve: list[dict], targets: list[float]) -> dict[str, int | None]:
 
 def distill_config(cfg: StudyConfig, key: RunKey) -> DistillConfig:
     """The ``DistillConfig`` of run ``key``: the study's shared settings, the row's objective and targets,
-    the scope's trainable subset, the cell's positions (a row without alignment reads the first positions'
-    cache for its CE labels; its training does not depend on them)."""
+    the scope's trainable subset, the cell's positions (a row without alignment or interventions reads the
+    first positions' cache for its CE labels; its training does not depend on them); a row with interventions
+    also the study's ``iit_*`` settings, intervening at the cell's positions (its own counterpart if a sanity row)."""
     row = cfg.row_specs()[key.row]
     subset, train_kv = SCOPES[key.trainable]
-    positions = key.positions if row.aligns else cfg.positions[0]
+    positions = key.positions if row.positioned else cfg.positions[0]
+    iit = ({"iit_counterpart": row.counterpart or cfg.iit_counterpart, "iit_positions": key.positions,
+            "iit_pairs": cfg.iit_pairs, "iit_loss": cfg.iit_loss, "iit_lam": cfg.iit_lam} if row.uses_iit else {})
     return DistillConfig(objective=row.objective, seed=key.seed, steps=cfg.steps, batch_size=cfg.batch_size,
                          lr=cfg.lr, warmup=cfg.warmup, lam=cfg.lam, positions=positions, trainable=subset,
                          train_kv=train_kv, eval_every=cfg.eval_every, labels="teacher", use_cache=True,
-                         align_targets=row.align_targets)
+                         align_targets=row.align_targets, **iit)
+
+
+def add_interventions(ctx: StudyContext, key: RunKey, dc: DistillConfig, cache) -> None:
+    """For a row with interventions: add to ``cache`` (kept in memory for the next runs) the teacher's intervened
+    answer logits of every training prompt for the teacher heads run ``key`` intervenes on (its map's, or its
+    seeded random pairs'), so training runs no teacher forward."""
+    row, warm = ctx.cfg.row_specs()[key.row], ctx.student(key.warmth)
+    cmap = choose_pairs(get_objective(dc.objective), warm.found.maps[row.map_key], dc, cache=cache)
+    cache_interchanges(cache, ctx.teacher, ctx.data["train"], teacher_head_sets(list(cmap.pairs), dc.iit_pairs),
+                       Interchange.of(dc), batch_size=dc.eval_batch_size, save=False)
+
+
+def matched_iia(ctx: StudyContext, model, pairs: list) -> dict:
+    """``{mean, pairs}``: the IIA of each of ``pairs`` (``distill.iit.pair_iia``: each pair intervened alone at
+    every position, the study's ``iit_counterpart`` as the source, teacher online) over the discovery prompts."""
+    iias = pair_iia(model, pairs, ctx.data["discovery"], teacher=ctx.teacher, n=ctx.cfg.n_discovery,
+                    setting=Interchange(counterpart=ctx.cfg.iit_counterpart))
+    return {"mean": sum(iias) / len(iias) if iias else math.nan, "pairs": iias}
+
+
+def iia_fields(ctx: StudyContext, key: RunKey, warm, student, ref: list, res) -> dict:
+    """The run record's IIA fields: with ``iia``, of the paper's pairs before (the warm student) and after;
+    for a row with interventions also its interchange counterpart and the last logged IIA of its own pairs
+    on its training interventions (``iia_own_after``; the random pairs for the control)."""
+    out = {}
+    if ctx.cfg.iia:
+        before, after = matched_iia(ctx, warm.model, ref), matched_iia(ctx, student, ref)
+        out.update(iia_before=before["mean"], iia_after=after["mean"], iia_pairs_before=before["pairs"],
+                   iia_pairs_after=after["pairs"])
+    if ctx.cfg.row_specs()[key.row].uses_iit:
+        logged = [h["eval/iia"] for h in res.history if "eval/iia" in h]
+        out.update(iit_counterpart=distill_config(ctx.cfg, key).iit_counterpart,
+                   iia_own_after=logged[-1] if logged else None)
+    return out
 
 
 def run_one(ctx: StudyContext, key: RunKey) -> dict:
@@ -71,10 +111,11 @@ def run_one(ctx: StudyContext, key: RunKey) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     cfg, row, warm = ctx.cfg, ctx.cfg.row_specs()[key.row], ctx.student(key.warmth)
     dc = distill_config(cfg, key)
-    student = warm.fresh_copy()
+    student, cache = warm.fresh_copy(), ctx.cache(dc.positions, row.teacher)
+    if row.uses_iit:
+        add_interventions(ctx, key, dc, cache)
     res = distill(student, ctx.data["train"], teacher=None, eval_sets=ctx.curve_sets,
-                  component_map=warm.found.maps[row.map_key], config=dc, cache=ctx.cache(dc.positions, row.teacher),
-                  progress=False)
+                  component_map=warm.found.maps[row.map_key], config=dc, cache=cache, progress=False)
     t_train = time.perf_counter() - t0
     student.hf.eval()
     ok = {name: correct_answers(student, ctx.data[name]) for name in ("eval", "hard")}
@@ -92,7 +133,7 @@ def run_one(ctx: StudyContext, key: RunKey) -> dict:
         "curve": curve, "steps_to": steps_to(curve, cfg.targets),
         "trained_params": res.trained_params, "trained_param_fraction": res.trained_fraction,
         "pair_cka_after": sum(ckas) / len(ckas) if ckas else math.nan, "pairs": [[str(s), str(t)] for s, t in own],
-        **{f"{k}_after": v for k, v in check.items()},
+        **{f"{k}_after": v for k, v in check.items()}, **iia_fields(ctx, key, warm, student, ref, res),
         "train_seconds": t_train, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
     }
 
@@ -100,13 +141,15 @@ def run_one(ctx: StudyContext, key: RunKey) -> dict:
 def check_settings(out: Path, cfg: StudyConfig) -> bool:
     """True if ``out`` holds runs; ``ConfigError`` if they were made with other run settings than ``cfg``'s
     (``StudyConfig.run_settings``) or another model for one of ``cfg``'s warmth levels. The grid's extent
-    (seeds, rows, scopes, positions, warmth levels) and the analysis settings may change: the runs stay valid."""
+    (seeds, rows, scopes, positions, warmth levels) and the analysis settings may change: the runs stay valid.
+    A setting of ``LATER_KEYS`` missing from the saved ones counts as its default (runs saved before it existed)."""
     runs, settings = out / RUNS, out / SETTINGS
     if not (runs.is_dir() and any(runs.glob("*.json"))):
         return False
     saved = json.loads(settings.read_text()) if settings.exists() else {}
     now = json.loads(json.dumps(cfg.to_dict()))
-    diff = sorted(k for k in cfg.run_settings() if saved.get(k) != now[k])
+    diff = sorted(k for k in cfg.run_settings()
+                  if saved.get(k, cfg.later_default(k) if k in LATER_KEYS else None) != now[k])
     diff += [f"students.{w}" for w, m in now["students"].items() if saved.get("students", {}).get(w, m) != m]
     if diff:
         raise ConfigError(f"{out} holds runs of a study with other settings (differs in: {', '.join(diff)}); "
