@@ -7,11 +7,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..model.activations import forward_logits
 from ..model.components import Component
 from ..model.hooks import intervene
+from ..model.logits import answer_logits
 from ..tasks.base import TaskData
-from ..tasks.metrics import METRICS, final_logits
+from ..tasks.metrics import METRICS
 from .scoring import metric_means
 from .values import AblationValues, ablatable_components, ablation_values
 
@@ -32,9 +32,9 @@ def ablated_logits(model, task_data: TaskData, components: Iterable[Component | 
         rows = torch.arange(s, min(s + batch_size, len(task_data)))
         b = task_data.clean.subset(rows).to(model.device)
         repl = values.for_batch(task_data.clean, comps, rows=rows) if comps else {}
-        with intervene(model, repl):
-            logits = forward_logits(model, b.input_ids, b.attention_mask)
-        outs.append(final_logits(logits, pos[rows]).float().cpu())
+        with intervene(model, repl):  # unembedding at the answer positions only
+            logits = answer_logits(model, b.input_ids, b.attention_mask, pos[rows])
+        outs.append(logits.float().cpu())
     return torch.cat(outs)
 
 

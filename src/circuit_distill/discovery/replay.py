@@ -4,13 +4,14 @@ Replacing a component of layer ``L`` leaves the residual stream entering layer `
 one clean forward of a batch can serve many interventions. ``LayerReplay`` runs that forward once
 and keeps each decoder layer's input together with the exact arguments the model passed to it
 (masks, rotary position embeddings, position ids); ``logits_from(L, hidden)`` re-runs only layers
-``L..`` plus the final norm and unembedding, at one position per row. Several interventions share
-one forward: ``k`` copies of the ``n`` rows are stacked along the batch (copy-major:
-``[k * n, seq, d_model]``, copy ``j`` is rows ``j * n .. (j + 1) * n - 1``) and
-``stacked_replacement`` gives each copy its own replacement; ``replay_items`` does both for a list
-of interventions. Replaying the model's own layer modules with its own arguments keeps this
-family-agnostic; a check of the final norm + unembedding against the model's logits guards the one
-piece called here (``find_final_norm``).
+``L..`` plus the final norm and unembedding (``model.logits.unembed``, with Gemma 2's soft-capping), at
+one position per row. Several interventions share one forward: ``k`` copies of the ``n`` rows are
+stacked along the batch (copy-major: ``[k * n, seq, d_model]``, copy ``j`` is rows
+``j * n .. (j + 1) * n - 1``) and ``stacked_replacement`` gives each copy its own replacement;
+``replay_items`` does both for a list of interventions. Replaying the model's own layer modules with
+its own arguments keeps this family-agnostic; a check of the final norm + unembedding against the
+model's logits guards the one piece called here (``find_final_norm``). The clean run itself unembeds
+the positions only (``model.logits.answer_logits``).
 
 Used by the fast ablation sweep (``sweep.py``) and activation patching (``patching.py``).
 """
@@ -24,10 +25,9 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import ComponentError, FastSweepUnsupported
-from ..model.activations import forward_logits
 from ..model.components import Component
+from ..model.logits import answer_logits, unembed
 from ..tasks.base import Batch
-from ..tasks.metrics import final_logits
 
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm", "final_layernorm")
 """Attribute names of the final norm on a Hugging Face base model, tried in this order."""
@@ -83,11 +83,9 @@ class LayerReplay:
         self.n = len(batch)
         self.positions = positions.to(model.device)
         self.inputs: list[tuple[tuple, dict]] = [None] * self.arch.n_layers  # type: ignore[list-item]
-        logits, last_out = self._record(batch)
-        self.logits = final_logits(logits, self.positions).float()
+        self.logits, last_out = self._record(batch)
         self.norm = find_final_norm(hf)
-        self.unembed = hf.get_output_embeddings()
-        if self.unembed is None:
+        if hf.get_output_embeddings() is None:
             raise FastSweepUnsupported(f"{type(hf).__name__} has no output embeddings; use fast=False")
         tail = self._tail(last_out)
         err = (tail - self.logits).abs().max().item()
@@ -98,8 +96,8 @@ class LayerReplay:
             )
 
     def _record(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clean forward: fills ``self.inputs``; returns its logits ``[n, seq, vocab]`` and the
-        last layer's output ``[n, seq, d_model]``."""
+        """The clean forward: fills ``self.inputs``; returns its logits at the positions ``[n, vocab]``
+        (float32; the unembedding runs there only) and the last layer's output ``[n, seq, d_model]``."""
         hf = self.model.hf
         handles = []
         last_out: list[torch.Tensor] = []
@@ -112,7 +110,7 @@ class LayerReplay:
                 lambda m, a, o: last_out.append(_first(o))))
             with torch.no_grad():
                 b = batch.to(self.model.device)
-                logits = forward_logits(self.model, b.input_ids, b.attention_mask)
+                logits = answer_logits(self.model, b.input_ids, b.attention_mask, self.positions).float()
         finally:
             for h in handles:
                 h.remove()
@@ -128,7 +126,7 @@ class LayerReplay:
         k = h.shape[0] // self.n
         pos = self.positions.repeat(k)
         sel = h[torch.arange(h.shape[0], device=h.device), pos]  # [k*n, d_model]
-        return self.unembed(self.norm(sel)).float()
+        return unembed(self.model, self.norm(sel)).float()
 
     @torch.no_grad()
     def logits_from(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:

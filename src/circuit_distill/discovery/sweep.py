@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CircuitDistillError, FastSweepUnsupported, TaskError
-from ..model.activations import forward_logits
 from ..model.components import Component
 from ..model.hooks import intervene
+from ..model.logits import answer_logits
 from ..tasks.base import Batch, TaskData
-from ..tasks.metrics import METRICS, final_logits
+from ..tasks.metrics import METRICS
 from .progress import progress_bar
 from .replay import LayerReplay, replay_items
 from .scoring import metric_means
@@ -154,11 +154,12 @@ def _replayed_chunk(model, b: Batch, pos: torch.Tensor, repl: dict[Component, to
 @torch.no_grad()
 def _forwarded_chunk(model, b: Batch, pos: torch.Tensor, repl: dict[Component, torch.Tensor], batch_size: int, bar
                      ) -> tuple[torch.Tensor, dict[Component, torch.Tensor], list[float]]:
-    """The plain path on one chunk: one full forward per component (``intervene``), same returns."""
+    """The plain path on one chunk: one full forward per component (``intervene``; the unembedding at the
+    positions only), same returns."""
     b = b.to(model.device)
 
     def run() -> torch.Tensor:
-        return final_logits(forward_logits(model, b.input_ids, b.attention_mask), pos).float().cpu()
+        return answer_logits(model, b.input_ids, b.attention_mask, pos).float().cpu()
 
     clean = run()
     ablated = {}

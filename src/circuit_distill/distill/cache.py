@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..files import atomic_write, atomic_write_json
 from ..model.components import Component, parse_components
 from ..model.hooks import capture
+from ..model.logits import answer_logits
 from ..tasks.base import TaskData
 from ..tasks.positions import select_rows, task_positions
 
@@ -46,16 +47,15 @@ def teacher_outputs(teacher, td: TaskData, components: Sequence[Component], posi
     [b, d]}, answer logits [b, V])`` (answer at ``positions["last"]``)."""
     b = td.clean if idx is None else td.clean.subset(idx)
     last = td.positions["last"] if idx is None else td.positions["last"][idx]
-    with capture(teacher, list(components), detach=True) as cap:
-        logits = teacher(b.input_ids.to(teacher.device), b.attention_mask.to(teacher.device))
+    with capture(teacher, list(components), detach=True) as cap:  # unembedding at the answer position only
+        logits = answer_logits(teacher, b.input_ids.to(teacher.device), b.attention_mask.to(teacher.device), last)
         acts = {}
         for c in components:
             a = cap[c]
             if positions != "all":
                 a = select_rows(a, b.attention_mask, task_positions(td, positions, idx))
             acts[c] = a.float()
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return acts, logits[rows, last.to(logits.device)].float()
+    return acts, logits.float()
 
 
 def build_cache(teacher, train: TaskData, components: Sequence[Component | str], positions: str,

@@ -18,6 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..model.components import Component
 from ..model.hooks import capture
+from ..model.logits import answer_logits
 from ..tasks.base import TaskData
 from ..tasks.positions import Positions, select_rows, task_positions
 from .cache import TeacherCache, teacher_outputs
@@ -124,8 +125,8 @@ def pair_cka(student, pairs: Sequence[Pair], td: TaskData, positions: str, *, te
         raise ConfigError("pair_cka needs the teacher (teacher=) or a teacher cache of td (cache=)")
     b = td.clean.subset(idx).to(student.device)
     pos = task_positions(td, positions, idx)
-    with capture(student, [s for s, _ in pairs], detach=True) as cap:
-        student(b.input_ids, b.attention_mask)
+    with capture(student, [s for s, _ in pairs], detach=True) as cap:  # the heads only: unembed one token per row
+        answer_logits(student, b.input_ids, b.attention_mask, td.positions["last"][idx])
         s_feats = [select_rows(cap[s], b.attention_mask, pos) for s, _ in pairs]
     t_feats = [as_rows(t_acts[t].to(student.device), b.attention_mask, pos) for _, t in pairs]
     return [float(c) for c in pair_ckas(s_feats, t_feats, debiased=debiased)]

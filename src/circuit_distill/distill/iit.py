@@ -52,7 +52,7 @@ import torch
 from ..errors import ConfigError
 from ..model.components import Component
 from ..model.hooks import intervene
-from ..model.loading import position_ids_from_mask
+from ..model.logits import answer_logits
 from ..tasks.base import Batch, TaskData
 from .cache import TeacherCache
 from .config import IIT_BASES, IIT_COUNTERPARTS, DistillConfig
@@ -198,13 +198,12 @@ def interchange_logits(model, batch: InterchangeBatch, heads: Sequence[Component
     else:
         repl = {h: (lambda act, src=source_acts[h]: swap_positions(act, src, batch)) for h in heads}
         ids, mask = batch.base.input_ids, batch.base.attention_mask
+    device = model.device if module is None else ids.device
+    last = batch.last.to(device)  # the base rows come last; unembed the source rows at token 0 (unused)
+    pos = torch.cat([torch.zeros(ids.shape[0] - len(batch), dtype=last.dtype, device=device), last])
     with intervene(model, repl):
-        if module is None:
-            logits = model(ids.to(model.device), mask.to(model.device))
-        else:
-            logits = module(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    b0 = logits.shape[0] - len(batch)  # the base rows come last
-    return logits[b0 + torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)]
+        logits = answer_logits(model, ids.to(device), mask.to(device), pos, module=module)
+    return logits[logits.shape[0] - len(batch):]
 
 
 @torch.no_grad()

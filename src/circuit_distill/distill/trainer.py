@@ -28,7 +28,8 @@ import torch
 from ..files import atomic_write_json
 from ..matching import ComponentMap
 from ..model.hooks import capture
-from ..model.loading import position_ids_from_mask, quiet_transformers
+from ..model.loading import quiet_transformers
+from ..model.logits import answer_logits
 from ..tasks.base import TaskData
 from ..tasks.metrics import evaluate
 from ..tasks.positions import task_positions
@@ -178,10 +179,8 @@ def train_micro_batch(state: TrainState, student, train: TaskData, idx: torch.Te
     last = train.positions["last"][idx].to(device)
     pos = task_positions(train, cfg.positions, idx)
     with acc.accumulate(state.model):
-        with capture(student, [s for s, _ in pairs]) as cap:
-            logits = state.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                 position_ids=position_ids_from_mask(b.attention_mask)).logits
-        s_logits = logits[torch.arange(len(idx), device=device), last]
+        with capture(student, [s for s, _ in pairs]) as cap:  # unembedding at the answer position only
+            s_logits = answer_logits(student, b.input_ids, b.attention_mask, last, module=state.model)
         t_logits, t_acts = None, {}
         if source.needed:
             t_acts, t_logits = source.outputs(idx)

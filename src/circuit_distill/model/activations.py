@@ -10,6 +10,7 @@ import torch
 
 from .components import Component
 from .hooks import capture
+from .logits import answer_logits
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,8 +38,8 @@ def read_activations(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     for s in range(0, n, max(step, 1)):
         ids = input_ids[s:s + step].to(model.device)
         mask = attention_mask[s:s + step].to(model.device)
-        with capture(model, comps, detach=True) as cap:
-            forward_logits(model, ids, mask)
+        with capture(model, comps, detach=True) as cap:  # the components only: unembed one token per row
+            answer_logits(model, ids, mask, torch.zeros(ids.shape[0], dtype=torch.long))
             for c in comps:
                 a = cap[c]
                 if real_tokens:

@@ -1,22 +1,24 @@
-"""Logits at a few positions only: run the base model, then the final norm's output at the chosen
-positions through the unembedding. On a 49k-262k vocabulary the full ``[batch, seq, vocab]`` logits
-dominate a forward pass's time and memory; most stages need one position per row.
+"""Logits at a few positions only. On a 49k-262k vocabulary the full ``[batch, seq, vocab]`` logits
+dominate a forward pass's time and memory (and a training step's backward); most stages need one
+position per row.
 
-The base model (``hf.base_model``) already ends with the final norm, so ``answer_logits`` only adds
-the output embedding and, where the config asks for it, Gemma 2's final logit soft-capping. It is
-checked once per model against the model's own logits; a family that post-processes logits in some
-other way falls back to the full logits (same numbers, no saving).
+``unembedding_at(model, positions)`` hooks the model's output embedding (``get_output_embeddings()``:
+the tied or untied ``lm_head`` / ``embed_out``, an encoder's decoder) so that it sees only the hidden
+states at ``positions``. The model's own forward still runs everything else: the final norm before it,
+and whatever comes after it (Gemma 2's final logit soft-capping, an encoder's prediction-head transform
+runs per position before it), so the logits are the model's own at those positions, with no check and
+no family list. Because the hook sits inside the model, it also works through a wrapper that calls the
+model (``accelerate``'s mixed precision, DDP). ``answer_logits`` is the one-call form.
 """
 
 from __future__ import annotations
 
-import weakref
+from contextlib import contextmanager
 
 import torch
 
+from ..errors import CircuitDistillError
 from .loading import position_ids_from_mask
-
-_HEAD_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf module -> answer head reproduces logits
 
 
 def select_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -28,7 +30,8 @@ def select_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def unembed(model, hidden: torch.Tensor) -> torch.Tensor:
     """Final-norm outputs ``[..., d_model]`` -> logits ``[..., vocab]``: the output embedding, then the
-    config's ``final_logit_softcapping`` (Gemma 2) if set."""
+    config's ``final_logit_softcapping`` (Gemma 2) if set. For code that runs the last layers itself
+    (the layer replay); a model's forward gets the same through ``unembedding_at``."""
     hf = model.hf
     logits = hf.get_output_embeddings()(hidden)
     cap = getattr(hf.config, "final_logit_softcapping", None)
@@ -37,50 +40,51 @@ def unembed(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _forward_kwargs(model, attention_mask: torch.Tensor | None) -> dict:
-    """What ``Model.__call__`` passes besides the ids: mask-derived positions and no KV cache."""
-    kw: dict = {"attention_mask": attention_mask, "use_cache": False}
-    if attention_mask is not None:
-        kw["position_ids"] = position_ids_from_mask(attention_mask)
-    return kw
+@contextmanager
+def unembedding_at(model, positions: torch.Tensor):
+    """Within the context, a forward of ``model`` (a ``Model``) on ``[batch, seq]`` ids returns logits
+    ``[batch, 1, vocab]`` (``positions [batch]``) or ``[batch, k, vocab]`` (``positions [batch, k]``):
+    the output embedding runs on the hidden states at those positions only. Call the model (or its
+    ``accelerate``-prepared module) inside; every forward in the context must have ``batch`` rows.
+    Yields True, or False (and changes nothing: the full logits come back) for a model without an
+    output embedding."""
+    head = model.hf.get_output_embeddings()
+    if head is None:
+        yield False
+        return
+    pos = positions if positions.dim() == 2 else positions[:, None]
 
+    def pre(mod, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        if x.dim() != 3 or x.shape[0] != pos.shape[0]:
+            raise CircuitDistillError(
+                f"unembedding_at: the output embedding got {tuple(x.shape)} for {pos.shape[0]} rows of positions; "
+                "run only forwards of the batch the positions belong to inside the context")
+        x = select_positions(x, pos)
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, dict(kwargs, input=x))
 
-def _base_logits(model, input_ids, attention_mask, positions) -> torch.Tensor:
-    hidden = model.hf.base_model(input_ids=input_ids, **_forward_kwargs(model, attention_mask))
-    return unembed(model, select_positions(hidden.last_hidden_state, positions))
-
-
-def _full_logits(model, input_ids, attention_mask, positions) -> torch.Tensor:
-    kw = {} if model.is_encoder else {"use_cache": False}
-    return select_positions(model(input_ids, attention_mask, **kw), positions)
-
-
-@torch.no_grad()
-def _head_reproduces_logits(model) -> bool:
-    """One small forward both ways (2 rows of 5 tokens): does ``_base_logits`` give the model's logits?"""
-    hf = model.hf
-    if hf not in _HEAD_OK:
-        ok = False
-        if not model.is_encoder and hf.get_output_embeddings() is not None and hf.base_model is not hf:
-            vocab = hf.get_input_embeddings().weight.shape[0]
-            ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0)).to(model.device)
-            mask, pos = torch.ones_like(ids), torch.tensor([4, 2], device=model.device)
-            want = _full_logits(model, ids, mask, pos).float()
-            got = _base_logits(model, ids, mask, pos).float()
-            ok = bool((got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item()))
-        _HEAD_OK[hf] = ok
-    return _HEAD_OK[hf]
+    handle = head.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield True
+    finally:
+        handle.remove()
 
 
 def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  positions: torch.Tensor) -> torch.Tensor:
+                  positions: torch.Tensor, *, module=None) -> torch.Tensor:
     """Logits at ``positions`` only: ``input_ids [batch, seq]``, ``positions [batch]`` -> ``[batch, vocab]``
-    (``[batch, k]`` -> ``[batch, k, vocab]``), equal to the full logits there (to float rounding).
+    (``[batch, k]`` -> ``[batch, k, vocab]``), the model's own logits there (to float rounding).
 
-    Runs under the caller's grad mode (so a training step can backpropagate through it) and never
-    builds the ``[batch, seq, vocab]`` tensor, except for families whose logits are more than the
-    unembedding of the final norm (encoders' prediction heads), where it selects from the full logits.
-    """
-    if _head_reproduces_logits(model):
-        return _base_logits(model, input_ids, attention_mask, positions)
-    return _full_logits(model, input_ids, attention_mask, positions)
+    Runs under the caller's grad mode (a training step backpropagates through it), inside any hooks
+    the caller has open, and never builds the ``[batch, seq, vocab]`` tensor. ``module``: what to call
+    instead of ``model.hf`` (the ``accelerate``-prepared model of a training run)."""
+    with unembedding_at(model, positions) as sliced:
+        if module is None:
+            logits = model(input_ids, attention_mask, **({} if model.is_encoder else {"use_cache": False}))
+        else:
+            kw = {} if attention_mask is None or model.is_encoder else {
+                "position_ids": position_ids_from_mask(attention_mask)}
+            logits = module(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
+    if not sliced:  # no output embedding to hook: the full logits came back
+        return select_positions(logits, positions)
+    return logits[:, 0] if positions.dim() == 1 else logits
