@@ -120,7 +120,7 @@ class DemoConfig(ProtocolConfig):
         shared = {f.name: getattr(self, f.name) for f in fields(ProtocolConfig)}
         return StudyConfig(**{**shared, "n_eval": self.grid_n_eval, "students": dict(self.grid_students),
                               "trainable": list(self.grid_trainable), "positions": [self.positions],
-                              "rows": list(self.grid_rows), "seeds": list(self.seeds)})
+                              "rows": list(self.grid_rows)})
 
 
 def demo_rows(cfg: DemoConfig, maps: dict) -> dict[str, tuple[str, str, str, dict]]:
