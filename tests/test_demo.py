@@ -1,5 +1,6 @@
-"""The demo pipeline end to end on stand-in models (random tiny teacher and student sharing the
-entity-tracking tokenizer): every row runs, results.json has the promised shape, the report renders."""
+"""The demo pipeline end to end on stand-in models (random tiny teacher and students sharing the
+entity-tracking tokenizer): every row runs, results.json has the promised shape, the report renders, and
+the map (a reduced grid of the study) runs, resumes and lands in results.json and report.html."""
 
 import json
 
@@ -19,12 +20,14 @@ def pair(tmp_path_factory):
     tok = entity_tokenizer()
     t = tiny_model("llama", root / "teacher", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, tokenizer=tok, seed=3)
     s = tiny_model("llama", root / "student", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, tokenizer=tok, seed=4)
-    return str(t), str(s)
+    other = tiny_model("llama", root / "other", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, tokenizer=tok, seed=5)
+    return str(t), str(s), str(other)  # teacher, student, a second student (the grid's other warmth level)
 
 
 def test_demo_end_to_end_on_stand_in_models(pair, tmp_path):
     cfg = DemoConfig(teacher=pair[0], student=pair[1], seeds=[0, 1], steps=4, batch_size=8, n_train=48, n_eval=24,
-                     n_discovery=24, eval_every=2, circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4)
+                     n_discovery=24, eval_every=2, circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4,
+                     grid=False)
     res = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["seeds"] == [0, 1] and on_disk["runtime_s"] > 0
@@ -68,7 +71,7 @@ def test_demo_train_kv_adds_the_mapped_heads_kv_groups(pair, tmp_path):
     plus the k and v rows of their GQA groups (counted by hand); ce@all is unchanged."""
     cfg = DemoConfig(teacher=pair[0], student=pair[1], seeds=[0], steps=2, batch_size=8, n_train=32, n_eval=16,
                      n_discovery=24, eval_every=0, circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4,
-                     extra_matchers=[], train_kv=True)
+                     extra_matchers=[], train_kv=True, grid=False)
     res = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
     d_model, n_heads, n_kv = 32, 4, 2
     d_head = d_model // n_heads
@@ -87,7 +90,7 @@ def test_demo_on_the_shipped_models_small_budget(tmp_path):
     """The default models (what ``make demo`` loads): the teacher solves the task at both box counts, the
     warm student is partly competent, and one short run per row completes."""
     cfg = DemoConfig(seeds=[0], steps=3, batch_size=8, n_train=64, n_eval=60, n_discovery=40, eval_every=0,
-                     extra_matchers=[])
+                     extra_matchers=[], grid=False)
     res = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
     assert res["teacher"]["acc"] >= 0.95 and res["teacher"]["acc_hard"] >= 0.9
     assert 1 / cfg.eval_boxes < res["student_before"]["acc"] < 0.8
@@ -98,7 +101,7 @@ def test_demo_on_the_shipped_models_small_budget(tmp_path):
 def small_cfg(pair, **kw) -> DemoConfig:
     base = dict(teacher=pair[0], student=pair[1], seeds=[0, 1], steps=3, batch_size=8, n_train=32, n_eval=16,
                 n_discovery=24, eval_every=0, circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4,
-                extra_matchers=[])
+                extra_matchers=[], grid=False)
     return DemoConfig(**{**base, **kw})
 
 
@@ -190,7 +193,7 @@ def test_killed_demo_command_reruns_to_every_run_once(pair, tmp_path):
     args = [sys.executable, "-m", "circuit_distill.cli", "demo", "--out", str(out), "--seeds", "2", "--steps", "3",
             "--quiet"] + [f"--set={k}={v}" for k, v in dict(
                 teacher=pair[0], student=pair[1], batch_size=8, n_train=32, n_eval=16, n_discovery=24, eval_every=0,
-                circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4, extra_matchers="[]").items()]
+                circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4, extra_matchers="[]", grid="false").items()]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     runs_path, saved = out / "runs.json", []
     deadline = time.time() + 300
@@ -234,3 +237,87 @@ def test_runs_saved_before_a_setting_existed_continue_at_its_default(tmp_path):
     assert finished_runs(tmp_path, cfg) == [{"row": "ce", "seed": 0}]
     with pytest.raises(ConfigError, match="differs in: iit_rows"):
         finished_runs(tmp_path, DemoConfig(iit_rows=True))
+
+
+# ---- the map: the demo's reduced grid of the study ---------------------------------------------------
+
+ROW_KEYS = ("acc_mean", "acc_std", "acc_hard_mean", "acc_hard_std", "acc_per_seed", "acc_hard_per_seed",
+            "trained_param_fraction", "pair_cka_after", "alignment_after", "curve_steps", "seeds")
+
+
+def grid_cfg(pair, **kw) -> DemoConfig:
+    """The tiny demo with a 2 warmth x 2 scope grid of ce / ce+random_cka / ce+align_cka, in this process."""
+    return small_cfg(pair, **{"seeds": [0], "grid": True, "grid_students": {"cold": pair[2], "partial": pair[1]},
+                              "grid_trainable": ["matched_heads", "all"], "grid_n_eval": 16, "grid_jobs": 1, **kw})
+
+
+def test_demo_config_maps_its_protocol_onto_the_grid():
+    cfg = load_config(DemoConfig, overrides=["steps=7", "lr=0.01", "positions=last", "grid_n_eval=300"],
+                      base={"seeds": [0, 1, 2]})
+    study = cfg.grid_config()
+    assert (study.steps, study.lr, study.seeds, study.n_eval, study.n_train) == (7, 0.01, [0, 1, 2], 300, cfg.n_train)
+    assert study.positions == ["last"] and study.trainable == ["matched_heads", "all"]
+    assert study.rows == ["ce", "ce+random_cka", "ce+align_cka"]
+    assert study.students == {"cold": "builtin:entity-tracking-student-cold", "partial": cfg.student}
+    assert load_config(DemoConfig, overrides=["grid=false"]).grid is False
+    more = load_config(DemoConfig, overrides=["grid_students={cold: builtin:entity-tracking-student-cold, "
+                                              "competent: builtin:entity-tracking-student-competent}"])
+    assert list(more.grid_config().students) == ["cold", "competent"]
+    for bad, msg in (("grid_trainable=[heads]", r"unknown grid_trainable scope\(s\) 'heads'"),
+                     ("grid_rows=[ce, ce+align_cka@nope]", "unknown matcher 'nope'"),
+                     ("grid_rows=[]", "grid_rows is empty"), ("grid_jobs=0", "grid_jobs must be >= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(DemoConfig, overrides=[bad])
+
+
+def test_demo_grid_writes_the_map_keeps_the_rows_and_resumes(pair, tmp_path, monkeypatch):
+    """With the grid on, results.json keeps every row key of the demo and adds the grid's cells; the
+    grid's (partial, matched_heads) cell is the demo's default cell (same runs, same accuracies); the
+    report has the map's heatmaps; a rerun trains only what is missing, grid runs included."""
+    import circuit_distill.demo.run as demo_run
+    from circuit_distill.study import runner as study_runner
+
+    cfg = grid_cfg(pair)
+    res = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert set(on_disk["rows"]) == set(PAPER_ROWS)
+    assert all(key in row for row in on_disk["rows"].values() for key in ROW_KEYS)
+    for key in ("teacher", "student_before", "circuits", "maps", "seeds", "config", "runtime_s"):
+        assert key in on_disk, key
+    grid = on_disk["grid"]
+    assert grid["n_runs"] == grid["n_runs_planned"] == 2 * 2 * 3 and grid["n_eval"] == 16
+    cells = {(c["warmth"], c["trainable"], c["row"]): c for c in grid["cells"]}
+    assert set(cells) == {(w, s, r) for w in ("cold", "partial") for s in ("matched_heads", "all")
+                          for r in ("ce", "ce+random_cka", "ce+align_cka")}
+    for (w, s, r), c in cells.items():
+        if r == "ce+align_cka":  # paired over one seed and the same prompts: the gains are differences of means
+            assert c["gain_vs_ce"]["mean"] == pytest.approx(c["acc_hard_mean"] - cells[w, s, "ce"]["acc_hard_mean"])
+            best = c["gain_vs_best_control"]
+            assert best["control"] == "random" and best["mean"] == pytest.approx(
+                c["acc_hard_mean"] - cells[w, s, "ce+random_cka"]["acc_hard_mean"])
+            assert c["helps"] in (True, False)
+    for r in ("ce", "ce+random_cka", "ce+align_cka"):  # the demo's default cell, trained by both runners alike
+        assert cells["partial", "matched_heads", r]["acc_hard_mean"] == pytest.approx(res["rows"][r]["acc_hard_mean"])
+    assert cells["cold", "all", "ce"]["trained_param_fraction"] == pytest.approx(1.0)
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>The map" in page and "<h3>ce+align_cka</h3>" in page and "<h3>Every cell and row</h3>" in page
+    # the demo's 4 figures, 2 heatmap figures for ce+align_cka, 1 curve figure per warmth level
+    assert page.count("data:image/png;base64,") >= 4 + 2 + 2 and "https://" not in page
+    assert (tmp_path / "grid" / "results.json").exists() and (tmp_path / "grid" / "report.html").exists()
+
+    trained, demo_trained = [], []
+    real, real_row = study_runner.run_one, demo_run.run_row
+    monkeypatch.setattr(study_runner, "run_one", lambda ctx, key: trained.append(key.id) or real(ctx, key))
+    monkeypatch.setattr(demo_run, "run_row", lambda *a: demo_trained.append(a[1]) or real_row(*a))
+    lost = sorted((tmp_path / "grid" / "runs").glob("*.json"))[0]
+    lost.unlink()
+    again = run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert trained == [lost.stem] and demo_trained == []
+    assert again["grid"]["cells"] == res["grid"]["cells"] and again["rows"] == res["rows"]
+
+    # the grid's run settings are checked before anything trains; the demo's runs do not depend on them
+    with pytest.raises(ConfigError, match="differs in: n_eval"):
+        run_demo(grid_cfg(pair, grid_n_eval=20), tmp_path, progress=False, log=lambda *a: None)
+    off = run_demo(grid_cfg(pair, grid=False), tmp_path, progress=False, log=lambda *a: None)
+    assert "grid" not in off and off["rows"] == res["rows"] and demo_trained == [] and trained == [lost.stem]
+    assert "The map" not in (tmp_path / "report.html").read_text()

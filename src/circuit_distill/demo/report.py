@@ -1,4 +1,5 @@
-"""The demo's HTML report: its table, accuracy curves, bars and head-influence heatmaps."""
+"""The demo's HTML report: its table, the map (the grid's heatmaps), accuracy curves, bars and head-influence
+heatmaps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from ..analysis.report import influence_heatmaps
 from ..files import atomic_write_text
+from ..study.report import CSS
+from .grid import grid_sections
 from .tables import format_table, plot_bars, plot_curves
 
 
@@ -21,14 +24,14 @@ def img(plot, *args, **kw) -> str:
         return f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
 
 
-def write_demo_report(results: dict, out: Path, *, cmp_before=None, cmp_after=None) -> Path:
-    """A self-contained HTML page: the table, accuracy curves, bars, and head-influence heatmaps."""
+def write_demo_report(results: dict, out: Path, *, cmp_before=None, cmp_after=None, grid: dict | None = None) -> Path:
+    """A self-contained HTML page: the table, the map of ``grid`` (the study's results of the demo's grid, if
+    it ran), accuracy curves, bars, and head-influence heatmaps."""
 
     rows = results["rows"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>circuit-distill demo</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}h2{margin-top:1.6em}</style>",
+        f"<style>{CSS}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>",
         "</head><body><h1>circuit-distill demo: entity tracking</h1>",
         f"<p>Teacher <code>{html.escape(results['teacher']['model'])}</code>: accuracy "
         f"{results['teacher']['acc']:.3f} (training-range boxes), {results['teacher']['acc_hard']:.3f} (harder split). "
@@ -36,6 +39,7 @@ def write_demo_report(results: dict, out: Path, *, cmp_before=None, cmp_after=No
         f"{results['student_before']['acc_hard']:.3f}, alignment A = {results['student_before']['alignment']:.3f}. "
         f"Seeds: {results['seeds']}. Runtime {results['runtime_s']:.0f}s.</p>",
         "<h2>Results (mean ± std over seeds)</h2><pre>" + html.escape(format_table(rows)) + "</pre>",
+        *(grid_sections(grid) if grid is not None else []),
         "<h2>Accuracy over distillation steps</h2>",
         img(plot_curves, rows, key="acc", title="held-out accuracy (evaluation box count)"),
         img(plot_curves, rows, key="acc_hard", title="held-out accuracy (harder split)"),

@@ -25,6 +25,7 @@ from ..matching import discover_and_match
 from ..model import load_model
 from ..tasks import evaluate
 from .experiment import REPORT_ROW, DemoConfig, demo_rows
+from .grid import check_grid, grid_summary, run_grid
 from .report import write_demo_report
 from .tables import format_table, summarise_rows
 
@@ -55,14 +56,15 @@ def finished_runs(out: Path, cfg: DemoConfig, overwrite: bool = False) -> list[d
             stale.unlink(missing_ok=True)
         atomic_write_json(settings_path, cfg.to_dict())
         return []
-    now = json.loads(json.dumps(cfg.to_dict()))
+    now = cfg.run_settings()  # (the grid's settings are checked by the study runner: they do not change these runs)
     saved = json.loads(settings_path.read_text()) if settings_path.exists() else None
     if saved is not None:  # a setting added since those runs was, for them, at its default
-        saved = {**json.loads(json.dumps(DemoConfig().to_dict())), **saved}
+        saved = {k: v for k, v in {**DemoConfig().run_settings(), **saved}.items() if k in now}
     if saved != now:
         diff = sorted(k for k in now if saved is None or saved.get(k) != now[k])
         raise ConfigError(f"{out} holds runs of a demo with other settings (differs in: {', '.join(diff) or 'unknown'}); "
                           "rerun with the same settings to continue, pass --overwrite to start again, or use another --out")
+    atomic_write_json(settings_path, cfg.to_dict())  # (the grid's settings may have changed)
     return json.loads(runs_path.read_text())
 
 
@@ -164,6 +166,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_grid(cfg, out, overwrite)
     runs = finished_runs(out, cfg, overwrite)
     torch.manual_seed(cfg.data_seed)
     teacher, student0 = load_pair(cfg, log)
@@ -186,6 +189,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
     if cfg.iit_rows:
         cache_iit_targets(ctx["cache"], teacher, data["train"], found.teacher.circuit.components)
     cmp_after = train_rows(cfg, rows, ctx, out, runs, progress, log)
+    grid = run_grid(cfg, out, overwrite=overwrite, progress=progress, log=log) if cfg.grid else None
     summary = summarise_rows(runs)
     results = {
         "rows": {r: summary[r] for r in rows},
@@ -198,10 +202,11 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
         "maps": {k: m.to_dict() for k, m in found.maps.items()},
         "seeds": list(cfg.seeds),
         "config": cfg.to_dict(),
+        **({"grid": grid_summary(grid)} if grid is not None else {}),
         "runtime_s": time.perf_counter() - t0,
     }
     atomic_write_json(out / "results.json", finite_or_none(results), default=float)
     log("\n" + format_table(results["rows"]))
-    write_demo_report(results, out, cmp_before=cmp_before, cmp_after=cmp_after)
+    write_demo_report(results, out, cmp_before=cmp_before, cmp_after=cmp_after, grid=grid)
     log(f"\nwrote {out / 'results.json'} and {out / 'report.html'} in {results['runtime_s']:.0f}s")
     return results

@@ -152,25 +152,26 @@ def cell_table(cells: list[dict]) -> str:
     return "\n".join(out) + "</table>"
 
 
-def study_sections(results: dict) -> list[str]:
+def study_sections(results: dict, level: int = 2) -> list[str]:
     """The report's HTML sections after its header: the verdict, for each aligned row the accuracy-gain and
     role heatmaps, the curves and the table of every cell (a page that embeds the study, like the demo's,
-    takes these)."""
+    takes these, with headings at ``level``: ``<h2>`` by default)."""
     p, cells = results["protocol"], results["cells"]
     warmths, scopes, positions = list(p["students"]), p["trainable"], p["positions"]
     methods = [r for r in dict.fromkeys(c["row"] for c in cells) if any(c["row"] == r and c.get("helps") is not None for c in cells)]
-    parts = [f"<h2>Verdict</h2><p>{html.escape(results['verdict'])}</p>"]
+    h = lambda text: f"<h{level}>{html.escape(text)}</h{level}>"
+    parts = [h("Verdict") + f"<p>{html.escape(results['verdict'])}</p>"]
     for row in methods:
-        parts += [f"<h2>{html.escape(row)}</h2>",
+        parts += [h(row),
                   heatmaps(cells, row, [("gain over ce", gain_value("gain_vs_ce")),
                                         ("gain over best control", gain_value("gain_vs_best_control"))],
                            positions, warmths, scopes, f"{row}: harder-split accuracy gain (* CI excludes 0)"),
                   heatmaps(cells, row, [("role rise (after - before)", role_value),
                                         ("role gain over random/shuffled (worst)", role_vs_controls)],
                            positions, warmths, scopes, f"{row}: role similarity of the paper's matched pairs")]
-    parts.append("<h2>Accuracy curves</h2>")
+    parts.append(h("Accuracy curves"))
     parts += [curves(cells, w, positions, scopes) for w in warmths]
-    return parts + ["<h2>Every cell and row</h2>", cell_table(cells)]
+    return parts + [h("Every cell and row"), cell_table(cells)]
 
 
 def write_study_report(results: dict, out: Path) -> Path:
