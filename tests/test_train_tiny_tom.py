@@ -96,6 +96,27 @@ def test_training_batch_first_question_is_a_task_prompt_and_entities_come_from_t
     assert not set(CHARACTERS[1::2]) & allowed and not set(DRINKS[1::2]) & allowed  # test split never drawn
 
 
+def test_story_loss_targets_every_predictable_word_and_keeps_the_answers():
+    plain, story = _mini(n_queries=3, batch_size=6), _mini(n_queries=3, batch_size=6, story_loss=True)
+    tok = curriculum_for("theory_of_mind").tokenizer(plain)
+    ids, mask, answers = sample_batch(plain, tok, step=2)
+    ids2, _, labels = sample_batch(story, tok, step=2)
+    assert torch.equal(ids, ids2)  # the same sequences
+    keep = answers != -100
+    assert torch.equal(labels[keep], answers[keep])  # every answer still a target
+    entities = set().union(*entity_pools(plain.fillers).values())
+    for r in range(ids.shape[0]):
+        words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
+        for t in range(len(words) - 1):
+            nxt = words[t + 1]
+            predictable = nxt not in entities or nxt in words[:t + 1]
+            assert (int(labels[r, t]) != -100) == predictable, (t, nxt)
+            if predictable:
+                assert int(labels[r, t]) == int(ids[r, t + 1])
+        assert words[1] == "and" and int(labels[r, 1]) == -100  # the second name is a first mention
+        assert int(labels[r, 9]) == int(ids[r, 10]) == tok.convert_tokens_to_ids(words[0])  # c1 again
+
+
 def test_task_words_keep_their_random_embeddings_and_fillers_are_redrawn_each_step():
     cfg = _mini()
     cur = curriculum_for("theory_of_mind")

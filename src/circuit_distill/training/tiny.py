@@ -79,6 +79,8 @@ class TinyTrainConfig(Config):
     target_cases: list[str] = option(help="theory_of_mind: cases of the stopping rule (test split)",
                                      factory=lambda: list(CASES))
     fillers: int = option(256, "theory_of_mind: training-only entity words e0.. (see training.curricula)")
+    story_loss: bool = option(False, "theory_of_mind: also train next-word prediction on every predictable "
+                                     "word (template words and entities seen before), not only the answers")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 from .curricula import curriculum_for
 
 # what a record written before these options existed was trained with
-RECORD_DEFAULTS = {"task": "entity_tracking", "anneal_from": None, "same_boxes_per_batch": False}
+RECORD_DEFAULTS = {"task": "entity_tracking", "anneal_from": None, "same_boxes_per_batch": False,
+                   "story_loss": False}
 
 
 def model_card(record: dict) -> str:

@@ -23,6 +23,15 @@ and "unknown" if it saw none. A fraction ``easy_fraction`` of these extra questi
 form that stops right after the container (``... What does Bob believe the bottle beer .``), so the
 answer is predicted at the container token itself (as the easy ``Box T object`` form of entity
 tracking does).
+
+**Story loss** (``story_loss``, an easier auxiliary signal). With the loss on the answers only, a
+model must learn to copy a word it has never seen (a fresh random vector) from the context before any
+answer improves, and a 3-layer model at batch 32 showed no sign of it after 500 steps (the mass on the
+story's entities was at chance). With ``story_loss`` every word that can be predicted from what came
+before is a target too: the template words, and each entity mentioned before (the refilling character
+and container, the names of the visibility sentences, the question's entities); first mentions are
+not. Most of these are copies of an earlier entity, so copying is trained at many positions of every
+sequence.
 """
 
 from __future__ import annotations
@@ -116,6 +125,17 @@ def belief(s: Story, who: str, container: str) -> str:
     return seen[-1] if seen else "unknown"
 
 
+def story_targets(words: list[str], targets: list[int], vocab: dict[str, int], entities: set[str]) -> list[int]:
+    """``targets`` with every predictable next word added (``story_loss``): a template word, or an entity
+    that occurs earlier in the sequence (a first mention cannot be predicted and stays -100)."""
+    out, seen = list(targets), set()
+    for j, w in enumerate(words):
+        if j and out[j - 1] == -100 and (w not in entities or w in seen):
+            out[j - 1] = vocab[w]
+        seen.add(w)
+    return out
+
+
 class TheoryOfMindCurriculum:
     """``theory_of_mind`` for ``train_tiny`` (see the module docstring)."""
 
@@ -155,6 +175,8 @@ class TheoryOfMindCurriculum:
                 answer = belief(s, who, cont)
                 words += q + [answer, "."]
                 tgt += [-100] * (len(q) - 1) + [vocab[answer], -100, -100]
+            if cfg.story_loss:
+                tgt = story_targets(words, tgt, vocab, set().union(*pools.values()))
             rows.append([vocab[w] for w in words])
             targets.append(tgt)
         return rows, targets
@@ -183,7 +205,9 @@ class TheoryOfMindCurriculum:
             "vocabulary": f"the `theory_of_mind` vocabulary plus {cfg.fillers} training-only words `e0..`",
             "data": f"one story and {cfg.n_queries} questions per sequence (the first the task's question, "
                     f"the three cases equally often; {cfg.easy_fraction:.0%} of the others in the easy form "
-                    "answered right after the container), entities drawn from the filler words only, their "
+                    "answered right after the container)"
+                    + ("; next-word loss on every predictable word too (template words, entities seen before)"
+                       if getattr(cfg, "story_loss", False) else "") + ", entities drawn from the filler words only, their "
                     "embeddings drawn afresh at every step, the task's entity words never seen and their "
                     "embeddings frozen at their random initialisation (tied input/output), loss on the "
                     "answers only",
