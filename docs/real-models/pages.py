@@ -100,6 +100,12 @@ def model_markdown(name: str, st: dict) -> str:
         for g, head, score, eff, m, ok in role_rows(st):
             lines.append(f"| {g} | {head} | {score:.3f} | {eff:+.3f} | {ROLES[g][1]} | "
                          + " | ".join(f"{m[k]:.2f}" for k in KINDS) + f" | {'yes' if ok else 'no'} |")
+    lines += ["", "The ten heads with the largest ablation effects, attention from the final token:", "",
+              "| head | ablation effect | " + " | ".join(SHORT[k] for k in KINDS) + " |",
+              "|---|---|" + "---|" * len(KINDS)]
+    for k, v in sorted(effect.items(), key=lambda kv: -abs(kv[1]))[:10]:
+        m = mass(st, k, "last")
+        lines.append(f"| {k} | {v:+.3f} | " + " | ".join(f"{m[x]:.2f}" for x in KINDS) + " |")
     return "\n".join(lines) + "\n"
 
 
