@@ -242,3 +242,12 @@ def test_cli_compare_across_tokenizers(two_tokenizers, tmp_path):
     assert (out / "sweeps" / "teacher.json").stat().st_mtime_ns == before
     assert json.loads((out / "comparison.json").read_text())["alignment"] == js["alignment"]
     assert main(args[:-4] + ["--controls", "nothing", "--out", str(out)]) == 2
+
+
+def test_discover_and_match_refuses_two_tokenizers(two_tokenizers):
+    from circuit_distill.matching import discover_and_match
+
+    t, s = two_tokenizers
+    td = make_task("entity_tracking", t.tokenizer, 4, seed=0, n_boxes=3)
+    with pytest.raises(ConfigError, match="one shared tokenizer"):
+        discover_and_match(t, s, td, matchers=("ablation",))
