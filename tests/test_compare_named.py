@@ -242,6 +242,10 @@ def test_cli_compare_across_tokenizers(two_tokenizers, tmp_path):
     assert (out / "sweeps" / "teacher.json").stat().st_mtime_ns == before
     assert json.loads((out / "comparison.json").read_text())["alignment"] == js["alignment"]
     assert main(args[:-4] + ["--controls", "nothing", "--out", str(out)]) == 2
+    one = root / "one"
+    assert main(args[:-2] + ["--control-sides", "teacher", "--out", str(one)]) == 0
+    names = set(json.loads((one / "comparison.json").read_text())["controls"])
+    assert names == {"shuffle_heads: teacher* ~ student", "shuffle_heads: teacher ~ teacher*"}
 
 
 def test_discover_and_match_refuses_two_tokenizers(two_tokenizers):

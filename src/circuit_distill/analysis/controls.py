@@ -67,10 +67,11 @@ def _summary(cmp) -> dict:
 
 
 def control_comparisons(teacher, student, teacher_data: TaskData, student_data: TaskData, true_cmp,
-                        *, controls: Sequence[str] = ("shuffle_heads",), seed: int = 0, sweeps: dict | None = None,
-                        **compare_kw) -> dict[str, dict]:
+                        *, controls: Sequence[str] = ("shuffle_heads",), sides: Sequence[str] = ("teacher", "student"),
+                        seed: int = 0, sweeps: dict | None = None, **compare_kw) -> dict[str, dict]:
     """Control pairs of ``true_cmp`` (the ``Comparison`` of ``teacher`` and ``student``), by control kind:
-    ``{"<kind>: teacher ~ student*": summary, ...}`` with the four pairs of the module docstring.
+    ``{"<kind>: teacher ~ student*": summary, ...}`` with the four pairs of the module docstring, or
+    only the two that need a control copy of a model in ``sides`` (each control copy costs a sweep).
 
     ``sweeps``: an optional dict ``name -> SweepResult`` of control sweeps already run (names
     ``"teacher+<kind>"``/``"student+<kind>"``); new ones are added to it, so a caller can save them
@@ -81,8 +82,12 @@ def control_comparisons(teacher, student, teacher_data: TaskData, student_data: 
     sweeps = {} if sweeps is None else sweeps
     out: dict[str, dict] = {}
     ts, ss = true_cmp.teacher_sweep, true_cmp.student_sweep
+    bad = [x for x in sides if x not in ("teacher", "student")]
+    if bad or not sides:
+        raise ConfigError(f"sides must be a non-empty subset of teacher, student; got {list(sides)}")
     for kind in controls:
-        t_ctl, s_ctl = control_copy(teacher, kind, seed), control_copy(student, kind, seed)
+        t_ctl = control_copy(teacher, kind, seed) if "teacher" in sides else None
+        s_ctl = control_copy(student, kind, seed) if "student" in sides else None
         tk, sk = f"teacher+{kind}", f"student+{kind}"
         runs = (
             ("teacher ~ student*", teacher, s_ctl, teacher_data, student_data, ts, sweeps.get(sk), (None, sk)),
@@ -91,6 +96,8 @@ def control_comparisons(teacher, student, teacher_data: TaskData, student_data: 
             ("student ~ student*", student, s_ctl, student_data, student_data, ss, sweeps.get(sk), (None, sk)),
         )
         for name, t, s, td, sd, t_sw, s_sw, keys in runs:
+            if t is None or s is None:
+                continue
             cmp = compare(t, s, td, student_data=sd, teacher_sweep=t_sw if t_sw is not None else sweeps.get(keys[0]),
                           student_sweep=s_sw if s_sw is not None else sweeps.get(keys[1]), **compare_kw)
             for key, sw in zip(keys, (cmp.teacher_sweep, cmp.student_sweep)):

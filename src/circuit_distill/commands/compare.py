@@ -34,6 +34,8 @@ def register(sub) -> None:
                         "position the task names, e.g. object,earlier_label,query_label,last)")
     p.add_argument("--controls", default="none",
                    help="control pairs to score too: none, or a comma list of shuffle_heads, reinit")
+    p.add_argument("--control-sides", default="teacher,student",
+                   help="whose control copies to make (each costs one more sweep): teacher, student or both")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="output directory")
@@ -141,13 +143,13 @@ def run(args) -> int:
     s_sw = _sweep(cache / "student.json", student, data if s_data is None else s_data, kinds, args)
     cmp = compare(teacher, student, data, student_data=s_data, teacher_sweep=t_sw, student_sweep=s_sw, **kw)
     if controls:
-        cmp.controls = _controls(teacher, student, data, s_data, cmp, controls, cache, kw, control_comparisons)
+        cmp.controls = _controls(args, teacher, student, data, s_data, cmp, controls, cache, kw, control_comparisons)
     path = write_report(cmp, args.out)
     _print(cmp, path)
     return 0
 
 
-def _controls(teacher, student, data, s_data, cmp, controls, cache, kw, control_comparisons) -> dict:
+def _controls(args, teacher, student, data, s_data, cmp, controls, cache, kw, control_comparisons) -> dict:
     """The control pairs, their sweeps cached next to the true pair's."""
     import json
 
@@ -155,8 +157,9 @@ def _controls(teacher, student, data, s_data, cmp, controls, cache, kw, control_
     from ..files import atomic_write_json
 
     sweeps = {p.stem: SweepResult.from_dict(json.loads(p.read_text())) for p in cache.glob("*+*.json")}
+    sides = [x.strip() for x in args.control_sides.split(",") if x.strip()]
     out = control_comparisons(teacher, student, data, data if s_data is None else s_data, cmp, controls=controls,
-                              sweeps=sweeps, **kw)
+                              sides=sides, sweeps=sweeps, **kw)
     for name, sw in sweeps.items():
         atomic_write_json(cache / f"{name}.json", sw.to_dict())
     return out
