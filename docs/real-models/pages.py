@@ -51,7 +51,7 @@ def role_rows(st: dict) -> list[tuple]:
 
 
 def model_markdown(name: str, st: dict) -> str:
-    s, c, sw = st["setup"], st["clean"], st["sweep"]
+    s, c, sw = st["setup"], st["clean"], st["sweep"]  # written first, in this order
     lines = [f"# {name}: the entity-tracking circuit", "",
              f"Reproduce (resumable; about {sum(v.get('stage_seconds', 0) for v in st.values()) / 60:.0f} minutes "
              "of stages on 2 shared CPU cores, plus loading):", "", "```bash", COMMAND.format(m=name), "```", "",
@@ -82,7 +82,7 @@ def model_markdown(name: str, st: dict) -> str:
                      f"clean LD {p['clean']:.3f}, corrupted {p['corrupted']:.3f}; {p['seconds']:.0f} s, "
                      f"{p['forwards']:.1f} forward-equivalents. Group: {', '.join(grp) or '(none above the threshold)'}.")
     circ = st.get("circuit")
-    if circ:
+    if circ and "attention" in st:
         f = circ["faithfulness"]
         lines += ["", "## The circuit", "",
                   f"**{', '.join(circ['circuit']) or '(empty)'}** ({len(circ['circuit'])} of {len(effect)} heads; "
@@ -100,6 +100,8 @@ def model_markdown(name: str, st: dict) -> str:
         for g, head, score, eff, m, ok in role_rows(st):
             lines.append(f"| {g} | {head} | {score:.3f} | {eff:+.3f} | {ROLES[g][1]} | "
                          + " | ".join(f"{m[k]:.2f}" for k in KINDS) + f" | {'yes' if ok else 'no'} |")
+    if "attention" not in st:
+        return "\n".join(lines + ["", "(The later stages have not run yet: rerun the command to resume.)"]) + "\n"
     lines += ["", "The ten heads with the largest ablation effects, attention from the final token:", "",
               "| head | ablation effect | " + " | ".join(SHORT[k] for k in KINDS) + " |",
               "|---|---|" + "---|" * len(KINDS)]
