@@ -181,7 +181,12 @@ def main() -> None:
     args = ap.parse_args()
     if not args.report_only:
         for name in args.model or []:
-            run_model(name, args)
+            try:
+                run_model(name, args)
+            except Exception:  # report and go on with the next model; a rerun resumes
+                import traceback
+
+                traceback.print_exc()
     import pages
 
     pages.write_all(HERE)
