@@ -37,6 +37,8 @@ from ..similarity import linear_cka, principal_subspace, rowwise_cosine, subspac
 from ..tasks.base import Batch, TaskData
 
 SIMILARITIES = ("attention", "cka")
+NAMED_HINT = ("For models with different tokenizers pass student_data= (the same prompts tokenised by the student: "
+              "analysis.named_task_pair) to compare them at the task's named positions; the compare command does this")
 
 
 # ---- influence -----------------------------------------------------------------------------------
@@ -78,15 +80,14 @@ def check_same_tokens(teacher, student, task_data: TaskData, max_prompts: int = 
                 raise ConfigError(
                     f"teacher and student tokenise prompt {i} ({prompts[i]!r}) differently "
                     f"({tt.convert_ids_to_tokens(x)[:12]} vs {ts.convert_ids_to_tokens(y)[:12]}): "
-                    "circuit comparison needs the same token sequences; use models that share a tokenizer"
+                    f"token-by-token comparison needs the same token sequences. {NAMED_HINT}"
                 )
     elif tt.get_vocab() != ts.get_vocab():
         raise ConfigError("teacher and student tokenizers have different vocabularies (and the task has no "
-                          "prompt text to compare): use models that share a tokenizer")
+                          f"prompt text to compare). {NAMED_HINT}")
     ids = torch.cat([task_data.answer_ids, task_data.wrong_ids[task_data.wrong_ids >= 0]]).unique().tolist()
     if tt.convert_ids_to_tokens(ids) != ts.convert_ids_to_tokens(ids):
-        raise ConfigError("teacher and student map the answer token ids to different tokens: use models that "
-                          "share a tokenizer")
+        raise ConfigError(f"teacher and student map the answer token ids to different tokens. {NAMED_HINT}")
     top = int(task_data.clean.input_ids.max())
     for name, m in (("teacher", teacher), ("student", student)):
         vocab = m.hf.get_input_embeddings().weight.shape[0]

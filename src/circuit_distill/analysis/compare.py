@@ -19,6 +19,7 @@ from ..matching import DIRECTIONS, Pair, match_components
 from ..model.components import Component
 from ..tasks.base import TaskData
 from .alignment import SIMILARITIES, align, influence, layer_cka, similarity_table
+from .named import check_same_prompts, named_layer_cka, named_similarity_table, shared_positions
 from .robustness import Robustness, brittleness_slope, compression, drops, robustness
 
 
@@ -31,6 +32,9 @@ class Comparison:
     ``alignment``: the score A; ``*_robustness``: drop summaries; ``compression`` C and the
     brittleness slopes of mean drop and severity; ``layer_cka``: ``[teacher layers, student layers]``
     linear CKA of residual outputs; ``*_shape``: ``(n_layers, n_heads)`` of each model.
+    ``positions``: the named positions the models were compared at when their tokenizers differ
+    (``analysis.named``; empty: token by token, one shared tokenizer); ``controls``: control pairs
+    (``analysis.controls``), each a summary with its alignment score.
     """
 
     teacher_name: str
@@ -63,6 +67,13 @@ class Comparison:
     position: str = "last"
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)
+    controls: dict = field(default_factory=dict)
+
+    @property
+    def mean_similarity(self) -> float:
+        """Mean similarity S over the matched pairs."""
+        return sum(p.similarity for p in self.pairs) / len(self.pairs) if self.pairs else float("nan")
 
     def to_dict(self) -> dict:
         def comp_map(d):
@@ -86,6 +97,8 @@ class Comparison:
             "layer_cka": self.layer_cka,
             "teacher_sweep": self.teacher_sweep.to_dict(), "student_sweep": self.student_sweep.to_dict(),
             "seconds": self.seconds, "warnings": list(self.warnings),
+            "named_positions": list(self.positions), "mean_similarity": self.mean_similarity,
+            "controls": dict(self.controls),
         }
 
     @classmethod
@@ -118,6 +131,7 @@ class Comparison:
             compression=num(d["compression"]), brittleness={k: num(v) for k, v in d["brittleness"].items()},
             layer_cka=[[num(v) for v in row] for row in d["layer_cka"]], position=d.get("position", "last"),
             seconds=num(d.get("seconds", 0.0)), warnings=list(d.get("warnings", [])),
+            positions=list(d.get("named_positions", [])), controls=_nan_back(dict(d.get("controls", {}))),
         )
 
     @classmethod
@@ -195,12 +209,29 @@ def _brittleness(s_rob: Robustness, t_rob: Robustness, c: float) -> dict[str, fl
     }
 
 
+def _similarities(teacher, student, task_data: TaskData, student_data: TaskData | None, *, similarity: str,
+                  kinds: tuple[str, ...], k: int, mlp_space: str, batch_size: int,
+                  positions: Sequence[str] | None) -> tuple[object, torch.Tensor, list[str]]:
+    """The similarity table, the layer-by-layer CKA and the named positions used (none: token by token)."""
+    if student_data is None:
+        table = similarity_table(teacher, student, task_data, similarity=similarity, kinds=kinds, k=k,
+                                 mlp_space=mlp_space, batch_size=batch_size)
+        return table, layer_cka(teacher, student, task_data.clean, batch_size=batch_size), []
+    check_same_prompts(task_data, student_data)
+    names = list(shared_positions(task_data, student_data, positions))
+    table = named_similarity_table(teacher, student, task_data, student_data, similarity=similarity, kinds=kinds,
+                                   k=k, names=names, batch_size=batch_size)
+    lc = named_layer_cka(teacher, student, task_data, student_data, names=names, batch_size=batch_size)
+    return table, lc, names
+
+
 def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", similarity: str = "attention",
             direction: str = "student_to_teacher", kinds: Sequence[str] = ("head", "mlp"),
             metric: str = "logit_diff", position: str = "last", mlp_space: str = "samples", k: int = 3,
             batch_size: int = 64, n_boot: int = 10_000, seed: int = 42, progress: bool | None = None,
-            teacher_sweep: SweepResult | None = None, student_sweep: SweepResult | None = None) -> Comparison:
-    """Compare how ``teacher`` and ``student`` (any depth and width, one shared tokenizer) solve a task.
+            teacher_sweep: SweepResult | None = None, student_sweep: SweepResult | None = None,
+            student_data: TaskData | None = None, positions: Sequence[str] | None = None) -> Comparison:
+    """Compare how ``teacher`` and ``student`` (any depth and width) solve a task.
 
     Runs a single-component ``ablation`` sweep (``mean``, ``zero``, ``resample``) of every head and
     MLP (``kinds``) in each model, scoring ``metric`` at named ``position`` (``"mask"`` for masked-LM
@@ -209,11 +240,17 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
     ``direction`` (``matching.match_components``); and returns the alignment score, the pair table and
     both models' robustness.
 
+    One shared tokenizer (``student_data=None``): both models run ``task_data`` and are compared token
+    by token (``ConfigError`` if they tokenise it differently). Different tokenizers: pass
+    ``student_data``, the same prompts tokenised by the student (``analysis.named_task_pair``); the
+    student is swept on it, and components are compared at the named ``positions`` (default: every
+    position both task data name), one row per prompt (``analysis.named``).
+
     ``teacher_sweep`` / ``student_sweep``: a caller that already swept a model passes its
     ``SweepResult`` (e.g. one teacher sweep for several students, or both sweeps for another
     direction). A passed sweep must be what ``compare`` would run itself:
-    ``ablation_sweep(model, task_data, components, method=ablation, position=position,
-    batch_size=batch_size)`` on the same ``task_data`` (clean prompts and reference set), with the
+    ``ablation_sweep(model, data, components, method=ablation, position=position,
+    batch_size=batch_size)`` on that model's task data (clean prompts and reference set), with the
     defaults ``per_position=True``, ``seed=0`` and ``metrics`` (any set holding ``metric``), over at
     least every head and MLP of ``kinds`` (more components are ignored), ``fast=True`` unless the model
     cannot replay layers (encoders, post-processing heads: then ``fast=False``). Such a sweep gives
@@ -221,18 +258,19 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
     examples are checked (``ConfigError``); the prompts and batch size are the caller's to keep.
     """
     t0 = time.perf_counter()
+    s_data = task_data if student_data is None else student_data
     kinds = _check_options(task_data, similarity, direction, kinds, metric, position)
+    _check_options(s_data, similarity, direction, kinds, metric, position)
     warnings: list[str] = []
-    table = similarity_table(teacher, student, task_data, similarity=similarity, kinds=kinds, k=k,
-                             mlp_space=mlp_space, batch_size=batch_size)
+    table, lc, names = _similarities(teacher, student, task_data, student_data, similarity=similarity, kinds=kinds,
+                                     k=k, mlp_space=mlp_space, batch_size=batch_size, positions=positions)
     t_comps = [c for kd in kinds for c in teacher.components(kd)]
     s_comps = [c for kd in kinds for c in student.components(kd)]
     kw = dict(method=ablation, position=position, batch_size=batch_size, progress=progress)
     t_sweep = teacher_sweep if teacher_sweep is not None else sweep_components(teacher, task_data, t_comps, **kw)
-    s_sweep = student_sweep if student_sweep is not None else sweep_components(student, task_data, s_comps, **kw)
-    for name, sw, comps in (("teacher", t_sweep, t_comps), ("student", s_sweep, s_comps)):
-        _check_sweep(name, sw, comps, task_data, metric=metric, ablation=ablation, position=position)
-    for name, sw in (("teacher", t_sweep), ("student", s_sweep)):
+    s_sweep = student_sweep if student_sweep is not None else sweep_components(student, s_data, s_comps, **kw)
+    for name, sw, comps, data in (("teacher", t_sweep, t_comps, task_data), ("student", s_sweep, s_comps, s_data)):
+        _check_sweep(name, sw, comps, data, metric=metric, ablation=ablation, position=position)
         if sw.clean[metric] <= 0:
             warnings.append(f"the {name}'s clean {metric} is {sw.clean[metric]:.4g} <= 0: it does not solve the "
                             "task, so its influences and drops are hard to interpret")
@@ -251,7 +289,6 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
     if c <= 0:
         warnings.append(f"the student has at least as many parameters as the teacher (C = {c:.3g}): "
                         "brittleness slopes are not meaningful")
-    lc = layer_cka(teacher, student, task_data.clean, batch_size=batch_size)
     return Comparison(
         teacher_name=teacher.name, student_name=student.name, task=task_data.name, n_examples=len(task_data),
         metric=metric, ablation=ablation, similarity=similarity, direction=direction, kinds=kinds,
@@ -262,5 +299,5 @@ def compare(teacher, student, task_data: TaskData, *, ablation: str = "mean", si
         teacher_drop=t_drop, student_drop=s_drop, pairs=pairs, alignment=a, alignment_by_kind=by_kind,
         teacher_robustness=t_rob, student_robustness=s_rob, compression=c, brittleness=_brittleness(s_rob, t_rob, c),
         layer_cka=torch.as_tensor(lc).tolist(), position=position, seconds=time.perf_counter() - t0,
-        warnings=warnings,
+        warnings=warnings, positions=names,
     )

@@ -207,6 +207,26 @@ def _pair_table(cmp) -> str:
     return f"<div class=scroll><table>{head}{rows}</table></div>"
 
 
+def _named_html(cmp) -> str:
+    """The paragraph on named positions (tokenizers differ) and the control-pair table, if any."""
+    out = ""
+    if cmp.positions:
+        out += ("<h2>Across tokenizers</h2><p class=sub>The two models tokenise the prompts differently, so they "
+                "are compared at the task's named positions (" + ", ".join(html.escape(p) for p in cmp.positions)
+                + "), one row per prompt: heads by the attention mass between those positions, CKA (debiased) of "
+                "the outputs there; the layer map is debiased CKA of residual outputs there.</p>")
+    if cmp.controls:
+        rows = "".join(
+            f"<tr><td class=l>{html.escape(name)}</td><td>{c['alignment']:.3f}</td><td>{c['mean_similarity']:.3f}"
+            f"</td><td>{'yes' if c['alignment'] < cmp.alignment else 'no'}</td></tr>" for name, c in cmp.controls.items())
+        out += ("<h2>Control pairs</h2><p class=sub>* = a control copy (shuffle_heads: every head's query and "
+                "output weights moved to another head slot; reinit: every decoder-layer matrix redrawn). "
+                f"True pair: A = {cmp.alignment:.3f}, mean S = {cmp.mean_similarity:.3f}.</p>"
+                "<table><tr><th class=l>pair</th><th>A</th><th>mean S</th><th>below the true pair</th></tr>"
+                f"{rows}</table>")
+    return out
+
+
 def render_html(cmp) -> str:
     """The self-contained report as one HTML string."""
     figs = [("Per-head influence", influence_heatmaps(cmp),
@@ -219,7 +239,8 @@ def render_html(cmp) -> str:
                  "Per-component drop m (heads and MLPs stacked); counts on a symmetric-log scale. Dashed: mean with 95% bootstrap CI."))
     figs.append(("Layer correspondence", layer_cka_heatmap(cmp),
                  "Linear CKA between every teacher layer's and every student layer's residual output "
-                 "over all real tokens of the task prompts."))
+                 + ("at the named positions (debiased, one row per prompt)." if cmp.positions
+                    else "over all real tokens of the task prompts.")))
     by_kind = ", ".join(f"{k}: {v:.3f}" for k, v in cmp.alignment_by_kind.items())
     b = cmp.brittleness
     cards = [
@@ -247,7 +268,7 @@ def render_html(cmp) -> str:
         f"teacher {cmp.teacher_shape[0]}x{cmp.teacher_shape[1]}, student {cmp.student_shape[0]}x"
         f"{cmp.student_shape[1]} (layers x heads); {cmp.seconds:.1f} s.</p>{warn}"
         f"<div class=cards>{card_html}</div>"
-        f"<h2>Robustness</h2>{_rob_table(cmp)}{fig_html}"
+        f"{_named_html(cmp)}<h2>Robustness</h2>{_rob_table(cmp)}{fig_html}"
         "<h2>Matched pairs</h2><p class=sub>A = (1/N) sum S (1 - |I~_S - I~_T|); I~ = influence divided by its "
         "sum over the pair list.</p>" + _pair_table(cmp) + "</body></html>"
     )

@@ -13,7 +13,8 @@ def register(sub) -> None:
         help="compare teacher and student circuits: influence, alignment score, robustness, HTML report",
         description="Ablate every head and MLP of both models one at a time, match student components to "
                     "teacher components by similarity, score their alignment and robustness, and write "
-                    "comparison.json and a self-contained report.html. Both models must share a tokenizer.",
+                    "comparison.json and a self-contained report.html. Models with different tokenizers are "
+                    "compared at the task's named positions (docs/real-models/README.md).",
     )
     p.add_argument("--teacher", default=None, help="teacher: local directory, builtin:NAME or hub id")
     p.add_argument("--student", default=None, help="student: local directory, builtin:NAME or hub id")
@@ -28,6 +29,13 @@ def register(sub) -> None:
     p.add_argument("--kinds", default="head,mlp", help="component kinds to compare (default head,mlp)")
     p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "answer_prob", "accuracy"])
     p.add_argument("--position", default="last", help="named position to score (e.g. mask for masked-LM tasks)")
+    p.add_argument("--positions", default=None,
+                   help="named positions to compare at when the tokenizers differ (comma list; default: every "
+                        "position the task names, e.g. object,earlier_label,query_label,last)")
+    p.add_argument("--controls", default="none",
+                   help="control pairs to score too: none, or a comma list of shuffle_heads, reinit")
+    p.add_argument("--control-sides", default="teacher,student",
+                   help="whose control copies to make (each costs one more sweep): teacher, student or both")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="output directory")
@@ -71,31 +79,105 @@ def apply_config(args) -> None:
                           "or in --config FILE.yaml)")
 
 
-def run(args) -> int:
-    apply_config(args)
-    from ..analysis.compare import compare
-    from ..analysis.report import write_report
-    from ..model import load_model
+def _task_data(args, teacher, student):
+    """``(teacher data, student data or None)``: one shared tokenization, or the same prompts per tokenizer."""
+    from ..analysis import check_same_tokens, named_task_pair
+    from ..errors import ConfigError
     from ..tasks import make_task
     from .task import parse_option
 
+    options = dict(parse_option(o) for o in args.option)
+    data = make_task(args.task, teacher.tokenizer, args.n, seed=args.seed, **options)
+    try:
+        check_same_tokens(teacher, student, data)
+        return data, None
+    except ConfigError:
+        t_data, s_data = named_task_pair(args.task, teacher.tokenizer, student.tokenizer, args.n, seed=args.seed,
+                                         **options)
+        print("the tokenizers differ: comparing at the task's named positions, one row per prompt")
+        return t_data, s_data
+
+
+def _sweep(path, model, data, kinds, args):
+    """The all-component sweep ``compare`` runs, cached as JSON at ``path`` (a rerun resumes from it)."""
+    from ..discovery import SweepResult, sweep_components
+    from ..files import atomic_write_json
+
+    if path.is_file():
+        import json
+
+        sw = SweepResult.from_dict(json.loads(path.read_text()))
+        if sw.n_examples == len(data) and sw.method == args.ablation and sw.position == args.position:
+            return sw
+    comps = [c for kd in kinds for c in model.components(kd)]
+    sw = sweep_components(model, data, comps, method=args.ablation, position=args.position,
+                          batch_size=args.batch_size)
+    atomic_write_json(path, sw.to_dict())
+    return sw
+
+
+def run(args) -> int:
+    apply_config(args)
+    from pathlib import Path
+
+    from ..analysis.compare import compare
+    from ..analysis.controls import CONTROLS, control_comparisons
+    from ..analysis.report import write_report
+    from ..errors import ConfigError
+    from ..model import load_model
+
+    controls = [c.strip() for c in args.controls.split(",") if c.strip() and c.strip() != "none"]
+    bad = [c for c in controls if c not in CONTROLS]
+    if bad:
+        raise ConfigError(f"unknown control {bad[0]!r}; use none or a comma list of {', '.join(CONTROLS)}")
     eager = {"attn_implementation": "eager"} if args.similarity == "attention" else {}
     teacher = load_model(args.teacher, device=args.device, **eager)
     student = load_model(args.student, device=args.device, **eager)
-    options = dict(parse_option(o) for o in args.option)
-    data = make_task(args.task, teacher.tokenizer, args.n, seed=args.seed, **options)
+    data, s_data = _task_data(args, teacher, student)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    cmp = compare(teacher, student, data, ablation=args.ablation, similarity=args.similarity,
-                  direction=args.direction, kinds=kinds, metric=args.metric, position=args.position,
-                  batch_size=args.batch_size)
+    positions = [p.strip() for p in args.positions.split(",") if p.strip()] if args.positions else None
+    cache = Path(args.out) / "sweeps"
+    kw = dict(ablation=args.ablation, similarity=args.similarity, direction=args.direction, kinds=kinds,
+              metric=args.metric, position=args.position, batch_size=args.batch_size, positions=positions)
+    t_sw = _sweep(cache / "teacher.json", teacher, data, kinds, args)
+    s_sw = _sweep(cache / "student.json", student, data if s_data is None else s_data, kinds, args)
+    cmp = compare(teacher, student, data, student_data=s_data, teacher_sweep=t_sw, student_sweep=s_sw, **kw)
+    if controls:
+        cmp.controls = _controls(args, teacher, student, data, s_data, cmp, controls, cache, kw, control_comparisons)
     path = write_report(cmp, args.out)
+    _print(cmp, path)
+    return 0
+
+
+def _controls(args, teacher, student, data, s_data, cmp, controls, cache, kw, control_comparisons) -> dict:
+    """The control pairs, their sweeps cached next to the true pair's."""
+    import json
+
+    from ..discovery import SweepResult
+    from ..files import atomic_write_json
+
+    sweeps = {p.stem: SweepResult.from_dict(json.loads(p.read_text())) for p in cache.glob("*+*.json")}
+    sides = [x.strip() for x in args.control_sides.split(",") if x.strip()]
+    out = control_comparisons(teacher, student, data, data if s_data is None else s_data, cmp, controls=controls,
+                              sides=sides, sweeps=sweeps, **kw)
+    for name, sw in sweeps.items():
+        atomic_write_json(cache / f"{name}.json", sw.to_dict())
+    return out
+
+
+def _print(cmp, path) -> None:
     t, s = cmp.teacher_robustness, cmp.student_robustness
-    print(f"alignment score A = {cmp.alignment:.4f} over {len(cmp.pairs)} pairs "
-          f"({', '.join(f'{k} {v:.4f}' for k, v in cmp.alignment_by_kind.items())})")
+    where = f" at named positions {', '.join(cmp.positions)}" if cmp.positions else ""
+    print(f"alignment score A = {cmp.alignment:.4f} over {len(cmp.pairs)} pairs{where} "
+          f"({', '.join(f'{k} {v:.4f}' for k, v in cmp.alignment_by_kind.items())}); mean similarity "
+          f"{cmp.mean_similarity:.4f}")
     print(f"mean drop teacher {t.mean_drop:.2f} [{t.ci_low:.2f}, {t.ci_high:.2f}] -> student {s.mean_drop:.2f} "
           f"[{s.ci_low:.2f}, {s.ci_high:.2f}]; severity {t.severity:.4f} -> {s.severity:.4f}; "
           f"compression {cmp.compression:.3f}")
+    for name, c in cmp.controls.items():
+        verdict = "lower" if c["alignment"] < cmp.alignment else "NOT lower"
+        print(f"control {name}: A = {c['alignment']:.4f} ({verdict} than the true pair), mean similarity "
+              f"{c['mean_similarity']:.4f}")
     for w in cmp.warnings:
         print(f"warning: {w}")
     print(f"wrote {path} and {path.parent / 'comparison.json'}")
-    return 0

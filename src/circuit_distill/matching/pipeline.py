@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..discovery import Circuit, SweepResult, find_circuit, sweep_components
+from ..errors import ConfigError
 from ..model.activations import read_activations
 from ..model.components import Component
 from ..tasks.base import TaskData
@@ -52,6 +53,20 @@ def discover(model, td: TaskData, *, circuit: str = "top_k", top_k: int = 4, thr
     return Discovery(sweep, circ, effects)
 
 
+def check_shared_tokenizer(teacher, student, td: TaskData, max_prompts: int = 16) -> None:
+    """``ConfigError`` unless ``student``'s tokenizer gives ``td``'s token ids as ``teacher``'s does (checked on
+    up to ``max_prompts`` prompt texts; task data without texts pass)."""
+    prompts = list(td.prompts[:max_prompts])
+    if not prompts:
+        return
+    a = teacher.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    b = student.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    if a != b:
+        raise ConfigError("teacher and student tokenise the task's prompts differently: circuit matching runs both "
+                          "models on the same token ids, so it needs one shared tokenizer (circuit-distill compare "
+                          "compares models across tokenizers at the task's named positions)")
+
+
 def head_rows(model, td: TaskData, heads: Sequence[Component], n: int = 128):
     """Each head's output at every real token of the first ``n`` prompts: ``head -> [rows, d_head]``."""
     b = td.clean
@@ -63,7 +78,9 @@ def discover_and_match(teacher, student, td: TaskData, *, matchers: Sequence[str
                        log=None, **discover_kw) -> MatchedCircuits:
     """Both circuits (see ``discover``; each model swept once) and the map of every one of ``matchers``:
     ``ablation`` (the paper's rule), ``hungarian``, ``ablation_norm`` (the paper's rule on per-model
-    normalised effects), ``cka`` (by activation similarity on ``td``), ``random`` (seeded)."""
+    normalised effects), ``cka`` (by activation similarity on ``td``), ``random`` (seeded). Both models run
+    ``td``'s token ids, so they must share a tokenizer (``ConfigError`` otherwise)."""
+    check_shared_tokenizer(teacher, student, td)
     t = discover(teacher, td, **discover_kw)
     s = discover(student, td, **discover_kw)
     tc, sc = t.circuit.components, s.circuit.components
