@@ -34,6 +34,7 @@ import torch
 
 from ..errors import CircuitDistillError
 from ..model.components import Component, parse_components
+from ..model.logits import unembed
 from ..tasks.base import TaskData
 from .replay import LayerReplay
 from .scoring import metric_means
@@ -167,7 +168,7 @@ class _Run:
 
     def metric(self, final: torch.Tensor, metric: str) -> list[float]:
         """``metric`` of each of the ``k`` copies in ``final [k * n, d_model]`` (residual at the position)."""
-        logits = self.replay.unembed(self.replay.norm(final)).float().cpu()
+        logits = unembed(self.replay.model, self.replay.norm(final)).float().cpu()
         return [metric_means(logits[j * self.n:(j + 1) * self.n], self.td, (metric,))[metric]
                 for j in range(final.shape[0] // self.n)]
 
