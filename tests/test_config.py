@@ -2,6 +2,7 @@
 unknown keys, type errors)."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -77,6 +78,22 @@ def test_generic_loader_coerces_by_field_type(tmp_path):
     assert load_config(Small, base={"count": 9}).count == 9 and load_config(Small) == Small()
     assert config_from_yaml(Small, config_to_yaml(s)) == s and Small.from_dict(s.to_dict()) == s
     assert "count (int, default 1): how many" in config_help(Small)
+
+
+def test_sub_key_override_keeps_the_rest_of_a_dict_field(tmp_path):
+    """``opts.b=3`` changes one key of the dict field's default (or of the file's value), not the whole dict."""
+
+    @dataclass
+    class WithDict(Config):
+        label: ClassVar[str] = "with-dict setting"
+        opts: dict = option(help="named options", factory=lambda: {"a": 1, "nest": {"x": 1, "y": 2}})
+
+    assert load_config(WithDict, None, ["opts.b=3"]).opts == {"a": 1, "nest": {"x": 1, "y": 2}, "b": 3}
+    assert load_config(WithDict, None, ["opts.nest.y=5"]).opts == {"a": 1, "nest": {"x": 1, "y": 5}}
+    assert WithDict().opts == {"a": 1, "nest": {"x": 1, "y": 2}}  # the default itself is not changed
+    path = tmp_path / "w.yaml"
+    path.write_text("opts: {c: 4}\n")
+    assert load_config(WithDict, path, ["opts.d=5"]).opts == {"c": 4, "d": 5}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -263,6 +263,8 @@ def test_demo_config_maps_its_protocol_onto_the_grid():
     more = load_config(DemoConfig, overrides=["grid_students={cold: builtin:entity-tracking-student-cold, "
                                               "competent: builtin:entity-tracking-student-competent}"])
     assert list(more.grid_config().students) == ["cold", "competent"]
+    added = load_config(DemoConfig, overrides=["grid_students.competent=builtin:entity-tracking-student-competent"])
+    assert list(added.grid_config().students) == ["cold", "partial", "competent"]  # a sub-key keeps the others
     for bad, msg in (("grid_trainable=[heads]", r"unknown grid_trainable scope\(s\) 'heads'"),
                      ("grid_rows=[ce, ce+align_cka@nope]", "unknown matcher 'nope'"),
                      ("grid_rows=[]", "grid_rows is empty"), ("grid_jobs=0", "grid_jobs must be >= 1")):

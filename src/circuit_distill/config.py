@@ -11,6 +11,7 @@ one line of help (``config_help`` lists them for ``--help``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -180,9 +181,18 @@ def config_from_yaml(cls, text_or_path: str | os.PathLike):
     return config_from_dict(cls, d)
 
 
+def field_default(cls, name: str):
+    """The default value of ``cls``'s field ``name`` (``None`` if it has none)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def apply_overrides(d: Mapping, overrides: Iterable[str], cls) -> dict:
     """A copy of ``d`` with ``"key=value"`` overrides applied (values parsed as YAML scalars); keys are
-    checked against the fields of ``cls``, and a dict field takes sub-keys (``task_options.seq_len=16``)."""
+    checked against the fields of ``cls``, and a dict field takes sub-keys (``task_options.seq_len=16``),
+    which change that key of the field's value (given in ``d``, else its default) and keep the others."""
     d = dict(d)
     label = getattr(cls, "label", "config key")
     valid = [f.name for f in dataclasses.fields(cls)]
@@ -205,7 +215,7 @@ def apply_overrides(d: Mapping, overrides: Iterable[str], cls) -> dict:
         if head not in dicts:
             only = f" (only {', '.join(k + '.NAME=VALUE' for k in dicts)} does)" if dicts else ""
             raise ConfigError(f"{label} {head!r} has no sub-keys{only}")
-        opts = dict(d.get(head) or {})
+        opts = copy.deepcopy(dict(d[head] if head in d else field_default(cls, head) or {}))
         cur = opts
         for part in rest[:-1]:
             cur = cur.setdefault(part, {})
