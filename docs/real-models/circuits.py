@@ -60,11 +60,23 @@ def shared_objects() -> list[str]:
     return [w for w in OBJECTS if all(w in k for k in keep)]
 
 
+STAGES = ("setup", "clean", "sweep", "attention", "path_A", "path_B", "path_C", "path_D", "circuit")
+
+
+class Stop(Exception):
+    """Raised after the stage named by ``--until`` (the next run resumes after it)."""
+
+
+UNTIL: list[str] = []  # the stage to stop after, if any
+
+
 def stage(out: Path, name: str, fn):
     """Run ``fn()`` unless ``out/name.json`` exists; save its result (with the stage's seconds)."""
     path = out / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if UNTIL and STAGES.index(name) > STAGES.index(UNTIL[0]):
+        raise Stop(name)
     t0 = time.perf_counter()
     result = fn()
     result["stage_seconds"] = round(time.perf_counter() - t0, 1)
@@ -188,12 +200,16 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=30, help="senders tested for groups B, C, D")
     ap.add_argument("--min-score", type=float, default=0.05, help="path score for a group (fraction of the gap)")
     ap.add_argument("--group-size", type=int, default=8, help="at most this many heads per group")
+    ap.add_argument("--until", choices=STAGES, help="stop after this stage (a later run resumes)")
     ap.add_argument("--report-only", action="store_true", help="only write the pages from the saved stages")
     args = ap.parse_args()
+    UNTIL[:] = [args.until] if args.until else []
     if not args.report_only:
         for name in args.model or []:
             try:
                 run_model(name, args)
+            except Stop as e:
+                print(f"{name}: stopped before {e} (--until {args.until})", flush=True)
             except Exception:  # report and go on with the next model; a rerun resumes
                 import traceback
 
