@@ -194,7 +194,7 @@ CSS = ("body{font-family:sans-serif;max-width:1100px;margin:24px auto;padding:0 
 
 def write_all(here: Path) -> None:
     """Write `<model>.md` for every model with saved stages and `report.html` with all of them."""
-    parts = []
+    parts = []  # only with a model page: the pages of an earlier run stay until a run has stages
     for name in MODELS:
         run = here / "stages" / name
         st = load(run) if run.is_dir() else {}
@@ -204,7 +204,7 @@ def write_all(here: Path) -> None:
         (here / f"{name}.md").write_text(md)
         parts.append(md_to_html(md) + f'<p><img alt="sweep of {name}" src="{heatmap(st)}"></p>')
     cmp = here / "compare" / "comparison.json"
-    if cmp.is_file():
+    if parts and cmp.is_file():
         d = json.loads(cmp.read_text())
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['alignment']:.3f}</td><td>{v['mean_similarity']:.3f}"
                        f"</td></tr>" for k, v in d.get("controls", {}).items())
