@@ -45,6 +45,15 @@ def _check(tok, data):
         assert len({p[0] for p in meta["placements"]}) == len(meta["placements"])
 
 
+def _parse(context: str) -> dict[str, str]:
+    """label -> object from "The <obj> is in Box <label>, the <obj> is in Box <label>" (no operations)."""
+    put = {}
+    for clause in context.split(", the "):
+        words = clause.replace("The ", "").split()
+        put[words[-1]] = words[0]
+    return put
+
+
 def test_prompt_format_and_answer(tok):
     data = make_task("entity_tracking", tok, 20, seed=3)
     _check(tok, data)
@@ -59,12 +68,46 @@ def test_answer_is_object_put_in_queried_box_by_parsing(tok):
     data = make_task("entity_tracking", tok, 30, seed=1, n_boxes=(2, 9))
     for prompt, answer in zip(data.prompts, data.answers):
         context, question = prompt.rsplit(". Box ", 1)
-        q = question.split()[0]
-        put = {}
-        for clause in context.split(", the "):
-            words = clause.replace("The ", "").split()
-            put[words[-1]] = words[0]  # "<obj> is in Box <label>"
-        assert answer == f" {put[q]}"
+        assert answer == f" {_parse(context)[question.split()[0]]}"
+
+
+@pytest.mark.parametrize("corruption", ["query", "objects"])
+def test_shots_are_solved_examples_before_the_same_prompts(tok, corruption):
+    base = make_task("entity_tracking", tok, 12, seed=4, n_boxes="2-4", corruption=corruption)
+    data = make_task("entity_tracking", tok, 12, seed=4, n_boxes="2-4", corruption=corruption, n_shots=2)
+    _check(tok, data)
+    assert data.options["n_shots"] == 2 and base.options["n_shots"] == 0
+    for i, meta in enumerate(data.metadata):
+        prefix, prompt = data.prompts[i][:-len(base.prompts[i])], base.prompts[i]
+        assert data.prompts[i].endswith(prompt) and prefix.endswith("\n\n")
+        shots = prefix.split("\n\n")[:-1]
+        assert len(shots) == 2
+        c_prompt = tok.decode(data.corrupted.input_ids[i][data.corrupted.attention_mask[i].bool()])
+        assert c_prompt.startswith(tok.decode(tok(prefix)["input_ids"]))  # the corrupted prompt keeps the shots
+        shift = len(_tokens(tok, data.clean, i)) - len(_tokens(tok, base.clean, i))  # the shots' tokens
+        own = {w for p in meta["placements"] for w in p}
+        if corruption == "objects":
+            own |= set(_tokens(tok, data.corrupted, i)[shift:]) & set(OBJECTS)
+        for shot in shots:  # "<context>. Box T contains the <answer>."
+            context, question = shot.rsplit(". Box ", 1)
+            label, _, _, answer = question.rstrip(".").split()
+            put = _parse(context)
+            assert put[label] == answer and len(put) == meta["n_boxes"]
+            assert not own & (set(put) | set(put.values()))  # no word of the prompt (or its corruption)
+        for name in ("query_label", "earlier_label", "object", "last"):  # the shots shift every position
+            assert int(data.positions[name][i]) == int(base.positions[name][i]) + shift
+            assert int(data.corrupted_positions[name][i]) == int(base.corrupted_positions[name][i]) + shift
+    same = make_task("entity_tracking", tok, 12, seed=4, n_boxes="2-4", corruption=corruption, n_shots=2)
+    assert same.prompts == data.prompts and torch.equal(same.reference.input_ids, data.reference.input_ids)
+    contains = tok.convert_tokens_to_ids("contains")
+    assert ((data.reference.input_ids == contains).sum(1) == 3).all()  # two solved shots and the question
+
+
+def test_query_corruption_with_shots_changes_only_the_query(tok):
+    data = make_task("entity_tracking", tok, 10, seed=6, n_boxes=3, n_shots=3)
+    for i in range(len(data)):
+        a, b = _tokens(tok, data.clean, i), _tokens(tok, data.corrupted, i)
+        assert [j for j in range(len(a)) if a[j] != b[j]] == [int(data.positions["query_label"][i])]
 
 
 def test_query_corruption_aligns(tok):
@@ -135,6 +178,10 @@ def test_bad_options(tok):
         make_task("entity_tracking", tok, 2, n_boxes=len(OBJECTS) + 1)
     with pytest.raises(TaskError, match="n_boxes"):
         parse_boxes("7-3")
+    with pytest.raises(TaskError, match="n_shots=1"):  # shots need objects and labels of their own
+        make_task("entity_tracking", tok, 2, n_boxes=13, n_shots=1)
+    with pytest.raises(TaskError, match=">= 0"):
+        make_task("entity_tracking", tok, 2, n_shots=-1)
     with pytest.raises(TaskError, match="no option"):
         make_task("entity_tracking", tok, 2, boxes=3)
     assert parse_boxes("2-7") == parse_boxes((2, 7)) == (2, 7) and parse_boxes(4) == (4, 4)
@@ -142,11 +189,14 @@ def test_bad_options(tok):
 
 @settings(max_examples=25, deadline=None)
 @given(lo=st.integers(2, 12), extra=st.integers(0, 4), seed=st.integers(0, 10_000),
-       corruption=st.sampled_from(["query", "objects"]), moves=st.integers(0, 2))
-def test_property_positions_and_answers(tok, lo, extra, seed, corruption, moves):
+       corruption=st.sampled_from(["query", "objects"]), moves=st.integers(0, 2), shots=st.integers(0, 2))
+def test_property_positions_and_answers(tok, lo, extra, seed, corruption, moves, shots):
     hi = min(lo + extra, 12 if corruption == "objects" else 20)
+    if shots:
+        hi = min(hi, 8 if corruption == "objects" else 10)
+        lo = min(lo, hi)
     data = make_task("entity_tracking", tok, 6, seed=seed, n_boxes=(lo, hi), corruption=corruption,
-                     n_moves=moves)
+                     n_moves=moves, n_shots=shots)
     _check(tok, data)
     assert all(lo <= m["n_boxes"] <= hi for m in data.metadata)
 

@@ -16,10 +16,11 @@ ROLES = {  # group -> (name, query token, the token kind Prakash's account has i
     "C": ("position detector", "query_label", "earlier_label"),
     "D": ("structure reader", "earlier_label", "answer_object"),
 }
-KINDS = ("query_label", "earlier_label", "answer_object", "other_objects", "other_labels", "self", "rest")
+KINDS = ("query_label", "earlier_label", "answer_object", "other_objects", "other_labels", "shots", "self", "rest")
 SHORT = {"query_label": "qlabel", "earlier_label": "label", "answer_object": "object", "other_objects": "oth.obj",
-         "other_labels": "oth.lab", "self": "self", "rest": "rest"}
-COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python docs/real-models/circuits.py --model {m}"
+         "other_labels": "oth.lab", "shots": "shots", "self": "self", "rest": "rest"}
+COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python docs/real-models/circuits.py --model {m} --n {n} --boxes {boxes} "
+           "--shots {shots} --seed {seed}")
 
 
 def load(run: Path) -> dict:
@@ -32,7 +33,7 @@ def mass(st: dict, head: str, query: str) -> dict[str, float]:
 
 
 def top_kind(m: dict[str, float]) -> str:
-    return max((k for k in KINDS if k not in ("rest", "self")), key=lambda k: m[k])
+    return max((k for k in KINDS if k not in ("rest", "self", "shots")), key=lambda k: m[k])
 
 
 def role_rows(st: dict) -> list[tuple]:
@@ -54,8 +55,11 @@ def model_markdown(name: str, st: dict) -> str:
     s, c, sw = st["setup"], st["clean"], st["sweep"]  # written first, in this order
     lines = [f"# {name}: the entity-tracking circuit", "",
              f"Reproduce (resumable; about {sum(v.get('stage_seconds', 0) for v in st.values()) / 60:.0f} minutes "
-             "of stages on 2 shared CPU cores, plus loading):", "", "```bash", COMMAND.format(m=name), "```", "",
-             f"{s['n']} prompts at {s['boxes']} boxes (seed {s['seed']}), objects drawn from the {len(s['objects'])} "
+             "of stages on 2 shared CPU cores, plus loading):", "", "```bash",
+             COMMAND.format(m=name, **{"shots": 0, **s}), "```", "",
+             f"{s['n']} prompts at {s['boxes']} boxes (seed {s['seed']}), "
+             + (f"each after {s['shots']} solved example(s) of the same box count (`n_shots`; other objects and "
+                "labels), " if s.get("shots") else "") + f"objects drawn from the {len(s['objects'])} "
              "built-in objects both tokenizers keep whole, so both models see the same prompts; corruption: another "
              "box of the same context is queried (group D: every object replaced).", "",
              "## How well it does the task", "",
@@ -190,9 +194,9 @@ CSS = ("body{font-family:sans-serif;max-width:1100px;margin:24px auto;padding:0 
 
 def write_all(here: Path) -> None:
     """Write `<model>.md` for every model with saved stages and `report.html` with all of them."""
-    parts = []
+    parts = []  # only with a model page: the pages of an earlier run stay until a run has stages
     for name in MODELS:
-        run = here / "runs" / name
+        run = here / "stages" / name
         st = load(run) if run.is_dir() else {}
         if "sweep" not in st:
             continue
@@ -200,7 +204,7 @@ def write_all(here: Path) -> None:
         (here / f"{name}.md").write_text(md)
         parts.append(md_to_html(md) + f'<p><img alt="sweep of {name}" src="{heatmap(st)}"></p>')
     cmp = here / "compare" / "comparison.json"
-    if cmp.is_file():
+    if parts and cmp.is_file():
         d = json.loads(cmp.read_text())
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['alignment']:.3f}</td><td>{v['mean_similarity']:.3f}"
                        f"</td></tr>" for k, v in d.get("controls", {}).items())
