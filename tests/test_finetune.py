@@ -124,7 +124,7 @@ def test_finetune_config_checks_its_seeds_and_target():
     with pytest.raises(ConfigError, match="target"):
         _cfg(target=1.5)
     cfg = load_config(FinetuneConfig, CONFIGS / "finetune-gemma3-270m-et.yaml")
-    assert cfg.model == "gemma3-270m" and cfg.target == 0.9 and cfg.target_boxes == 3 and cfg.steps == 400
+    assert cfg.model == "gemma3-270m" and cfg.target == 0.9 and cfg.target_boxes == 3 and cfg.steps == 600
     d = cfg.distill_config()
     assert (d.objective, d.labels, d.trainable, d.use_cache) == ("ce", "gold", "lora", False)
 
