@@ -124,6 +124,12 @@ def report(model, cfg: FinetuneConfig, log) -> dict[str, dict]:
     return out
 
 
+def lora_shape(delta) -> dict:
+    """``{rank, scale, modules}`` of a LoRA ``Delta`` (for the card)."""
+    (a, _), scale = next(iter(delta.factors.values())), next(iter(delta.scales.values()))
+    return {"rank": int(a.shape[0]), "scale": scale, "modules": sorted(delta.factors)}
+
+
 def finetune(cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
              progress: bool | None = None, log=print, config_path: str | None = None) -> dict:
     """Fine-tune ``cfg.model`` (module docstring) into ``out``; return the record written to
@@ -168,7 +174,7 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = Fals
     record = {"config": cfg.to_dict(), "config_path": config_path, "base": cfg.model, "steps": result.steps,
               "reached_target": held["in_context_accuracy"] >= cfg.target, "heldout": held,
               "heldout_curve": [[h["step"], h["eval/heldout/in_context_accuracy"]] for h in history],
-              "before": before, "after": after, "delta_params": delta.n_params, "delta_bytes": path.stat().st_size,
+              "before": before, "after": after, "delta_params": delta.n_params, "lora": lora_shape(delta), "delta_bytes": path.stat().st_size,
               "trained_fraction": result.trained_fraction,
               "seconds_this_session": round(time.perf_counter() - t0, 1),
               "train_seconds": round(sum(h.get("step_seconds", 0.0) for h in result.history), 1)}

