@@ -99,7 +99,7 @@ def test_finetune_stops_at_its_target_and_ships_only_the_delta(tmp_path):
     assert any("finished" in m for m in logs)
 
 
-def test_finetune_is_deterministic_and_runs_to_its_cap(tmp_path):
+def test_finetune_is_deterministic_resumable_and_runs_to_its_cap(tmp_path):
     a = finetune(_cfg(), tmp_path / "a", progress=False, log=lambda m: None)
     b = finetune(_cfg(), tmp_path / "b", progress=False, log=lambda m: None)
     assert a["steps"] == b["steps"] == 6 and len(a["heldout_curve"]) == 2  # evaluations at 2, 4 (not at the cap)
@@ -107,6 +107,21 @@ def test_finetune_is_deterministic_and_runs_to_its_cap(tmp_path):
     assert all(torch.equal(da.factors[n][i], db.factors[n][i]) for n in da.factors for i in (0, 1))
     assert a["after"] == b["after"] and a["before"] == b["before"]
     assert any(float(f[1].abs().max()) > 0 for f in da.factors.values())  # B moved away from its zero start
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_step_4(msg):  # the evaluation at step 4 runs before that step's checkpoint is written
+        if msg.startswith("step 4"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(_cfg(), tmp_path / "c", progress=False, log=killed_at_step_4)
+    assert not (tmp_path / "c" / DELTA_FILE).exists()
+    c = finetune(_cfg(), tmp_path / "c", resume=True, progress=False, log=lambda m: None)
+    dc = read_delta(tmp_path / "c")
+    assert all(torch.equal(da.factors[n][i], dc.factors[n][i]) for n in da.factors for i in (0, 1))
+    assert c["after"] == a["after"] and c["heldout_curve"] == a["heldout_curve"]
 
 
 def test_finetune_refuses_to_overwrite_an_interrupted_run_and_resumes_it(tmp_path):
