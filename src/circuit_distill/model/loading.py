@@ -184,9 +184,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    if is_tuned(name_or_path) and not Path(name_or_path).exists():
-        return load_tuned(str(name_or_path), dtype=dtype, device=device, attn_implementation=attn_implementation,
-                          check=check)
+    tuned = str(name_or_path).removeprefix("builtin:")  # a shipped delta's folder is no model directory
+    if is_tuned(tuned) and not Path(name_or_path).exists():
+        return load_tuned(tuned, dtype=dtype, device=device, attn_implementation=attn_implementation, check=check)
     path, local = checkpoint_location(name_or_path)
     kw = {"local_files_only": True} if local else {}
     config = read_config(path, local)
