@@ -16,7 +16,13 @@ from circuit_distill.distill.trainable import set_trainable
 from circuit_distill.errors import ConfigError, ModelLoadError
 from circuit_distill.model import load_model, packaged
 from circuit_distill.model.delta import (
-    DELTA_FILE, TUNED, lora_delta, merge_delta, read_delta, save_delta, unload_lora,
+    DELTA_FILE,
+    TUNED,
+    lora_delta,
+    merge_delta,
+    read_delta,
+    save_delta,
+    unload_lora,
 )
 from circuit_distill.model.gguf import MissingPackageError
 from circuit_distill.model.loading import ASSETS
