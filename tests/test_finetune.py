@@ -103,6 +103,8 @@ def test_finetune_stops_at_its_target_and_ships_only_the_delta(tmp_path):
     assert again == rec["after"]["3"]
     assert finetune(_cfg(target=0.05), tmp_path / "a", progress=False, log=logs.append) == rec  # finished: kept
     assert any("finished" in m for m in logs)
+    with pytest.raises(ConfigError, match="another config"):
+        finetune(_cfg(target=0.06), tmp_path / "a", progress=False, log=logs.append)
 
 
 def test_finetune_is_deterministic_resumable_and_runs_to_its_cap(tmp_path):

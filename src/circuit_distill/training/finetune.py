@@ -137,8 +137,11 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = Fals
     continues an interrupted one from ``out/run/checkpoint.pt``."""
     out = Path(out)
     if (out / RECORD).is_file() and not overwrite:
+        done = json.loads((out / RECORD).read_text())
+        if done.get("config") != cfg.to_dict():
+            raise ConfigError(f"{out} holds a finished run of another config; pass --overwrite or another OUT")
         log(f"{out / RECORD} exists: the run is finished (pass overwrite=True / --overwrite to start again)")
-        return json.loads((out / RECORD).read_text())
+        return done
     t0 = time.perf_counter()
     model = load_model(cfg.model)
     torch.manual_seed(cfg.seed)
