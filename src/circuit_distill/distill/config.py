@@ -10,7 +10,8 @@ from ..errors import ConfigError
 from .objectives import get_objective
 from .trainable import SUBSETS
 
-POSITIONS_HELP = "'all' (every non-padding token), 'last', or the name of a task position"
+POSITIONS_HELP = ("'all' (every non-padding token), 'last', the name of a task position, or names comma-separated "
+                  "(one row per prompt and position)")
 MATCHINGS = ("ablation", "hungarian", "random")  # the matchers the distill command can run
 # allowed values of the interchange-intervention options (see distill.iit)
 IIT_COUNTERPARTS = ("corrupted", "other", "same_answer", "self")
