@@ -222,3 +222,38 @@ def test_cli_distill_across_tokenizers(wordpiece_pair, tmp_path, capsys):
     assert main(base + ["objective=kd", f"out_dir={tmp_path / 'kd'}"]) == 2
     err = capsys.readouterr().err
     assert "not defined across vocabularies" in err and not (tmp_path / "kd" / "component_map.json").exists()
+
+
+def test_xtok_protocol_runs_resumes_and_tabulates(wordpiece_pair, tmp_path, capsys):
+    """The protocol command end to end on two tiny models with different tokenizers; a rerun after a lost
+    result resumes from the run's checkpoint and leaves the other runs alone."""
+    from circuit_distill.cli import main
+
+    t_dir, s_dir = wordpiece_pair
+    out = tmp_path / "xtok"
+    args = ["xtok", "--out", str(out), f"teacher={t_dir}", f"student={s_dir}", "n_train=16", "n_eval=8",
+            "n_discovery=8", "n_cka=8", "circuit_size=2", "steps=4", "batch_size=4", "checkpoint_every=2",
+            "seeds=[0,1]", "positions=object,last", "eval_batch_size=8"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["table"]) == {"ce", "ce+random_cka", "ce+align_cka"} and len(res["runs"]) == 6
+    cell = res["table"]["ce+align_cka"]["harder/accuracy"]
+    assert len(cell["values"]) == 2 and cell["min"] <= cell["mean"] <= cell["max"]
+    assert all(0 <= r["held_out_pair_cka"] <= 1 + 1e-6 for r in res["runs"])
+    for r in res["runs"]:  # every row trains the matched student heads; only the random rows' pairs differ
+        heads = [p[0] for p in r["pairs"]]
+        assert heads == [str(s) for s, _ in ComponentMap.from_json(out / "map.json").pairs]
+    assert "| ce+align_cka | 2 |" in (out / "results.md").read_text()
+    disc = json.loads((out / "discovery.json").read_text())
+    assert len(disc["teacher"]["circuit"]) == len(disc["student"]["circuit"]) == 2
+    run = out / "runs" / "ce+align_cka.s1"
+    before = json.loads((run / "result.json").read_text())
+    (run / "result.json").unlink()
+    other = (out / "runs" / "ce.s0" / "result.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert json.loads((run / "result.json").read_text())["final_eval"] == before["final_eval"]
+    assert (out / "runs" / "ce.s0" / "result.json").stat().st_mtime_ns == other
+    assert main(args[:-1] + ["eval_batch_size=4"]) == 2  # other settings: refused, nothing overwritten
+    assert "other settings" in capsys.readouterr().err
+    assert main(["xtok", "--out", str(tmp_path / "kd"), "rows=[kd]"]) == 2
+    assert "not defined across vocabularies" in capsys.readouterr().err
