@@ -109,7 +109,8 @@ def test_cache_holds_the_teachers_rows_at_its_own_named_positions(wordpiece_pair
     cache = TeacherCache.load(tmp_path / "a" / "teacher_cache")
     want = named_outputs(teacher, td, CMAP.teacher_components, names)
     for comp in CMAP.teacher_components:
-        rows, _ = cache.rows(torch.arange(len(td)), [comp])
+        rows, logits = cache.rows(torch.arange(len(td)), [comp])
+        assert logits.shape == (24, 0)  # across tokenizers the teacher's logits are not kept
         assert rows[comp].shape == (24, 3 * teacher.arch.d_head)
         torch.testing.assert_close(rows[comp], want[comp].reshape(24, -1), atol=1e-5, rtol=0)
     again = load_model(s_dir, check=False)
@@ -244,6 +245,7 @@ def test_xtok_protocol_runs_resumes_and_tabulates(wordpiece_pair, tmp_path, caps
         heads = [p[0] for p in r["pairs"]]
         assert heads == [str(s) for s, _ in ComponentMap.from_json(out / "map.json").pairs]
     assert "| ce+align_cka | 2 |" in (out / "results.md").read_text()
+    assert not (out / "runs" / "ce.s0" / "student").exists() and (out / "runs" / "ce.s0" / "metrics.jsonl").is_file()
     disc = json.loads((out / "discovery.json").read_text())
     assert len(disc["teacher"]["circuit"]) == len(disc["student"]["circuit"]) == 2
     run = out / "runs" / "ce+align_cka.s1"

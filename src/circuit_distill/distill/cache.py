@@ -63,11 +63,13 @@ def teacher_outputs(teacher, td: TaskData, components: Sequence[Component], posi
 
 
 def build_cache(teacher, train: TaskData, components: Sequence[Component | str], positions: str,
-                path: str | os.PathLike, *, batch_size: int = 128, shard_rows: int = 4096) -> TeacherCache:
+                path: str | os.PathLike, *, batch_size: int = 128, shard_rows: int = 4096,
+                logits: bool = True) -> TeacherCache:
     """Run ``teacher`` over ``train`` and write the cache to directory ``path``; return it loaded.
 
     Writes ``shard-XXXXX.safetensors`` (keys: component names, ``logits [r, V]``, ``mask [r, seq]``)
-    and ``index.json`` (n, positions, components, shard row ranges, teacher name).
+    and ``index.json`` (n, positions, components, shard row ranges, teacher name). ``logits=False``
+    stores ``[r, 0]`` instead (across tokenizers nothing reads them: Gemma 3's are 1 MB per prompt).
     """
     comps = sorted(set(parse_components(components)))
     if not comps:
@@ -81,10 +83,10 @@ def build_cache(teacher, train: TaskData, components: Sequence[Component | str],
         parts: dict[str, list[torch.Tensor]] = {}
         for b0 in range(s0, s1, batch_size):
             idx = torch.arange(b0, min(s1, b0 + batch_size))
-            acts, logits = teacher_outputs(teacher, train, comps, positions, idx)
+            acts, out = teacher_outputs(teacher, train, comps, positions, idx)
             for c, a in acts.items():
                 parts.setdefault(str(c), []).append(a.cpu())
-            parts.setdefault("logits", []).append(logits.cpu())
+            parts.setdefault("logits", []).append(out.cpu() if logits else out.new_zeros(len(idx), 0).cpu())
         tensors = {k: torch.cat(v) for k, v in parts.items()}
         tensors["mask"] = train.clean.attention_mask[s0:s1].to(torch.int8)
         name = f"shard-{len(shards):05d}.safetensors"

@@ -93,16 +93,17 @@ def teacher_data_for(objective: Objective, cfg: DistillConfig, train: TaskData,
 
 
 def build_run_cache(teacher, train: TaskData, components: list[Component], cfg: DistillConfig,
-                    out: Path | None = None, accelerator=None) -> TeacherCache:
+                    out: Path | None = None, accelerator=None, logits: bool = True) -> TeacherCache:
     """The teacher cache of ``train`` a run builds: in ``out/teacher_cache`` (written by the main process;
-    every process loads it), or in memory only if ``out`` is None."""
+    every process loads it), or in memory only if ``out`` is None; without the answer logits if not ``logits``."""
+    kw = {"batch_size": cfg.eval_batch_size, "logits": logits}
     if out is None:  # in memory only: every rank builds its own, nothing is left on disk
         with tempfile.TemporaryDirectory(prefix="cd-cache-") as d:
-            cache = build_cache(teacher, train, components, cfg.positions, d, batch_size=cfg.eval_batch_size)
+            cache = build_cache(teacher, train, components, cfg.positions, d, **kw)
             cache.path = None
         return cache
     if accelerator is None or accelerator.is_main_process:
-        build_cache(teacher, train, components, cfg.positions, out / "teacher_cache", batch_size=cfg.eval_batch_size)
+        build_cache(teacher, train, components, cfg.positions, out / "teacher_cache", **kw)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return TeacherCache.load(out / "teacher_cache")
@@ -124,7 +125,8 @@ def open_teacher_source(objective: Objective, cfg: DistillConfig, train: TaskDat
     if needed and cache is None and cfg.use_cache:
         if teacher is None:
             raise ConfigError(f"objective {objective.name!r} needs the teacher or a teacher cache")
-        cache = build_run_cache(teacher, train, components or teacher.components("head")[:1], cfg, out, accelerator)
+        cache = build_run_cache(teacher, train, components or teacher.components("head")[:1], cfg, out, accelerator,
+                                logits=theirs is None)
     if needed and cache is not None:
         cache.check(components, cfg.positions, len(train))
     elif needed and teacher is None:

@@ -13,7 +13,8 @@ protocol, in order, each step saved in ``out`` and skipped when a rerun finds it
 4. ``start.json``: both models' accuracy on their own tokens of both held-out sets before training.
 5. ``runs/<row>.s<seed>/``: one ``distill`` per (row, seed) with gold labels and trainable = the matched
    heads (the map's student heads; random rows pair them with seeded random teacher heads), checkpointed
-   every ``checkpoint_every`` steps and resumed from there; ``result.json`` when done.
+   every ``checkpoint_every`` steps and resumed from there; ``result.json`` when done (then the run's
+   full student and checkpoint are deleted unless ``keep_students``).
 6. ``results.json`` and ``results.md``: per row, mean and spread over seeds of held-out accuracy (training
    and harder box count), logit difference and the held-out CKA of the *matched* pairs (every row, so the
    rows compare; a random row's own pairs are in its ``result.json``).
@@ -22,6 +23,7 @@ protocol, in order, each step saved in ``out`` and skipped when a rerun finds it
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -72,6 +74,7 @@ class XtokConfig(Config):
     eval_batch_size: int = option(32, "batch size of evaluation and of the teacher caches")
     checkpoint_every: int = option(25, "checkpoint every N steps (the resume point of an interrupted run)")
     threads: int = option(0, "torch threads (0 = leave as is)")
+    keep_students: bool = option(False, "keep each run's trained student and last checkpoint (a full model each)")
 
     def validate(self) -> None:
         for k in ("n_train", "n_eval", "n_discovery", "n_cka", "circuit_size", "steps", "batch_size"):
@@ -131,7 +134,8 @@ def cache_step(path: Path, teacher, data, positions: str, batch_size: int) -> Te
         cache = TeacherCache.load(path)
         cache.check(teacher.components("head") if teacher is not None else cache.components, positions, len(data))
         return cache
-    return build_cache(teacher, data, teacher.components("head"), positions, path, batch_size=batch_size)
+    return build_cache(teacher, data, teacher.components("head"), positions, path, batch_size=batch_size,
+                       logits=False)
 
 
 def start_step(cfg: XtokConfig, out: Path, teacher, student, sets: dict) -> dict:
@@ -172,6 +176,9 @@ def run_one(cfg: XtokConfig, out: Path, row: str, seed: int, student_name: str, 
            "median_step_seconds": statistics.median(steps) if steps else None,
            "seconds_this_session": time.perf_counter() - t0}
     atomic_write_json(run_dir / "result.json", rec, indent=1)
+    if not cfg.keep_students:  # the record is written: the full student and the optimizer state can go
+        shutil.rmtree(run_dir / "student", ignore_errors=True)
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return rec
 
 
