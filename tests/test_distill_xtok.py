@@ -259,3 +259,24 @@ def test_xtok_protocol_runs_resumes_and_tabulates(wordpiece_pair, tmp_path, caps
     assert "other settings" in capsys.readouterr().err
     assert main(["xtok", "--out", str(tmp_path / "kd"), "rows=[kd]"]) == 2
     assert "not defined across vocabularies" in capsys.readouterr().err
+
+
+def test_recipes_and_position_choices():
+    from pathlib import Path
+
+    from circuit_distill.config import load_config
+    from circuit_distill.study.xtok import XtokConfig
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("xtok-real.yaml", "xtok-gpu.yaml"):
+        cfg = load_config(XtokConfig, configs / name)
+        assert (cfg.teacher, cfg.student, cfg.rows) == ("gemma3-270m", "smollm2-135m",
+                                                        ["ce", "ce+random_cka", "ce+align_cka"])
+        assert len(cfg.seeds) >= 3 and cfg.steps >= 300 and cfg.n_eval >= 500
+    for bad in ("positions=all", "rows=[ce,kd+align_cka]", "seeds=[]"):
+        with pytest.raises(ConfigError):
+            load_config(XtokConfig, configs / "xtok-real.yaml", [bad])
+    assert position_names("object, last") == ["object", "last"] and position_names("all") == []
+    for bad in ("object,,last", "last,last"):
+        with pytest.raises(ConfigError, match="distinct names"):
+            position_names(bad)

@@ -100,6 +100,13 @@ class XtokConfig(Config):
                              checkpoint_every=self.checkpoint_every, use_cache=True)
 
 
+def device() -> str:
+    """Where the models run: the GPU if there is one (the trainer's ``accelerate`` picks the same)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def make_sets(cfg: XtokConfig, teacher_tok, student_tok) -> dict[str, tuple]:
     """``{set: (teacher_data, student_data)}``: the same prompts in each model's tokens (module docstring)."""
     from ..analysis import named_task_pair
@@ -159,7 +166,7 @@ def run_one(cfg: XtokConfig, out: Path, row: str, seed: int, student_name: str, 
         return json.loads((run_dir / "result.json").read_text())
     resume = (run_dir / "checkpoint.pt").is_file()
     log(f"run {row} seed {seed}" + (" (resuming)" if resume else ""))
-    student = load_model(student_name, check=False)
+    student = load_model(student_name, check=False, device=device())
     t0 = time.perf_counter()
     dc = cfg.distill_config(seed, row)
     res = distill(student, sets["train"][1], teacher=None, cache=caches["train"], teacher_data=sets["train"][0],
@@ -232,7 +239,7 @@ def run_xtok(cfg: XtokConfig, out, *, log=print) -> dict:
     if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(cfg.to_dict())):
         raise ConfigError(f"{out} holds a protocol run with other settings ({saved}); use another --out")
     atomic_write_json(saved, cfg.to_dict(), indent=1)
-    teacher, student = load_model(cfg.teacher, check=False), load_model(cfg.student, check=False)
+    teacher, student = (load_model(name, check=False, device=device()) for name in (cfg.teacher, cfg.student))
     sets = make_sets(cfg, teacher.tokenizer, student.tokenizer)
     cmap = discovery_step(cfg, out, teacher, student, sets, log)
     held = sets["held_out"][0].subset(slice(0, cfg.n_cka))
