@@ -235,8 +235,12 @@ def test_xtok_protocol_runs_resumes_and_tabulates(wordpiece_pair, tmp_path, caps
     args = ["xtok", "--out", str(out), f"teacher={t_dir}", f"student={s_dir}", "n_train=16", "n_eval=8",
             "n_discovery=8", "n_cka=8", "circuit_size=2", "steps=4", "batch_size=4", "checkpoint_every=2",
             "seeds=[0,1]", "positions=object,last", "eval_batch_size=8"]
+    assert main(args + ["--max-runs", "2"]) == 0
+    part = json.loads((out / "results.json").read_text())
+    assert len(part["runs"]) == 2 and not part["complete"] and set(part["table"]) == {"ce", "ce+random_cka"}
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
+    assert res["complete"] and res["runs"][:2] == part["runs"]
     assert set(res["table"]) == {"ce", "ce+random_cka", "ce+align_cka"} and len(res["runs"]) == 6
     cell = res["table"]["ce+align_cka"]["harder/accuracy"]
     assert len(cell["values"]) == 2 and cell["min"] <= cell["mean"] <= cell["max"]

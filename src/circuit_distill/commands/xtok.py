@@ -18,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="YAML config (keys of circuit_distill.study.xtok.XtokConfig)")
     p.add_argument("--out", required=True, help="output directory (a rerun continues the runs there)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=20 seeds=[0]")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after training this many runs (rerun to go on)")
     p.set_defaults(func=run)
 
 
@@ -26,6 +27,7 @@ def run(args) -> int:
     from ..study.xtok import XtokConfig, run_xtok
 
     cfg = load_config(XtokConfig, args.config, args.overrides)
-    res = run_xtok(cfg, args.out, log=lambda m: print(m, flush=True))
-    print(f"{len(res['runs'])} runs; table in {args.out}/results.md")
+    res = run_xtok(cfg, args.out, log=lambda m: print(m, flush=True), max_runs=args.max_runs)
+    total = len(cfg.rows) * len(cfg.seeds)
+    print(f"{len(res['runs'])} of {total} runs finished; table in {args.out}/results.md")
     return 0

@@ -194,6 +194,8 @@ def summary(cfg: XtokConfig, start: dict, runs: list[dict]) -> dict:
     table: dict[str, dict] = {}
     for row in cfg.rows:
         recs = [r for r in runs if r["row"] == row]
+        if not recs:
+            continue
         cols = {f"{s}/{m}": [r["final_eval"][s][m] for r in recs] for s in ("held_out", "harder") for m in METRICS}
         cols["held_out_pair_cka"] = [r["held_out_pair_cka"] for r in recs]
         table[row] = {k: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
@@ -225,8 +227,10 @@ def results_markdown(res: dict) -> str:
             "| harder logit diff |\n|---|---|---|---|---|\n" + before + "\n")
 
 
-def run_xtok(cfg: XtokConfig, out, *, log=print) -> dict:
-    """The whole protocol (module docstring) into ``out``; a rerun continues where the last one stopped."""
+def run_xtok(cfg: XtokConfig, out, *, log=print, max_runs: int | None = None) -> dict:
+    """The whole protocol (module docstring) into ``out``; a rerun continues where the last one stopped.
+    ``max_runs``: return after training that many runs (the finished ones so far are tabulated), so a shared
+    machine can take the protocol in short slices; None = all of them."""
     import torch
 
     from ..model import load_model
@@ -248,9 +252,15 @@ def run_xtok(cfg: XtokConfig, out, *, log=print) -> dict:
               "eval": cache_step(out / "eval_cache", teacher, held, cfg.positions, cfg.eval_batch_size)}
     start = start_step(cfg, out, teacher, student, sets)
     del teacher, student  # every run loads a fresh student; the teacher lives on in the caches
-    runs = [run_one(cfg, out, row, seed, cfg.student, sets, cmap, caches, log) for seed in cfg.seeds
-            for row in cfg.rows]
+    runs, trained = [], 0
+    for seed in cfg.seeds:
+        for row in cfg.rows:
+            done = (out / "runs" / f"{row}.s{seed}" / "result.json").is_file()
+            if done or max_runs is None or trained < max_runs:
+                runs.append(run_one(cfg, out, row, seed, cfg.student, sets, cmap, caches, log))
+                trained += not done
     res = summary(cfg, start, runs)
+    res["complete"] = len(runs) == len(cfg.rows) * len(cfg.seeds)
     atomic_write_json(out / "results.json", res, indent=1)
     atomic_write_text(out / "results.md", results_markdown(res))
     return res
