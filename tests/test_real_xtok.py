@@ -17,7 +17,7 @@ pytestmark = pytest.mark.real
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xtok-real.yaml"
 
 REDUCED = ["n_train=16", "n_eval=16", "n_discovery=4", "n_cka=16", "circuit_size=4", "steps=3", "batch_size=4",
-           "checkpoint_every=2", "seeds=[0]", "eval_batch_size=16", "threads=2"]
+           "checkpoint_every=2", "seeds=[0]", "eval_batch_size=16"]
 
 
 @pytest.fixture(scope="module")

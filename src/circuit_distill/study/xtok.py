@@ -224,7 +224,18 @@ def results_markdown(res: dict) -> str:
             f"alignment at `{cfg['positions']}`, trainable {cfg['trainable']}, {cfg['n_train']} training prompts, "
             f"{cfg['n_eval']} per held-out set. Mean +- sample sd over seeds [min, max].\n\n{head}"
             + "\n".join(lines) + "\n\n| model | held-out accuracy | harder accuracy | held-out logit diff "
-            "| harder logit diff |\n|---|---|---|---|---|\n" + before + "\n")
+            "| harder logit diff |\n|---|---|---|---|---|\n" + before + "\n\n" + map_line(res) + "\n")
+
+
+def map_line(res: dict) -> str:
+    """One line on the component map: pairs, distinct teacher heads, degenerate or not (``ComponentMap.quality``)."""
+    q = res.get("map_quality") or {}
+    if not q:
+        return ""
+    flag = " **degenerate**: every student head maps to the same teacher head" if q.get("degenerate") else ""
+    return (f"Map ({res['config']['matching']}): {q.get('n_pairs')} student heads onto {q.get('n_teacher_distinct')} "
+            f"distinct teacher heads (at most {q.get('max_teacher_reuse')} on one){flag}. "
+            f"{'All' if res.get('complete') else 'Not all'} runs finished.")
 
 
 def run_xtok(cfg: XtokConfig, out, *, log=print, max_runs: int | None = None) -> dict:
@@ -261,6 +272,7 @@ def run_xtok(cfg: XtokConfig, out, *, log=print, max_runs: int | None = None) ->
                 trained += not done
     res = summary(cfg, start, runs)
     res["complete"] = len(runs) == len(cfg.rows) * len(cfg.seeds)
+    res["map_quality"] = json.loads((out / "map.json").read_text()).get("quality", {})
     atomic_write_json(out / "results.json", res, indent=1)
     atomic_write_text(out / "results.md", results_markdown(res))
     return res
