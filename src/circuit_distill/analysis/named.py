@@ -39,21 +39,9 @@ from ..model.attention import eager_attention, forward_attentions
 from ..model.components import Component
 from ..similarity import principal_subspace, rowwise_cosine, subspace_similarity
 from ..tasks.base import TaskData
+from ..tasks.positions import check_same_prompts, position_matrix
 
 SIMILARITIES = ("attention", "cka")
-
-
-def check_same_prompts(teacher_data: TaskData, student_data: TaskData) -> None:
-    """Raise ``ConfigError`` unless both task data hold the same prompt texts in the same order."""
-    a, b = list(teacher_data.prompts), list(student_data.prompts)
-    if not a or len(a) != len(b):
-        raise ConfigError(f"the teacher's and the student's task data must hold the same prompts (got {len(a)} and "
-                          f"{len(b)} prompt texts): build both from one task, seed and options")
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            raise ConfigError(f"prompt {i} differs between the teacher's and the student's task data ({x!r} vs {y!r}): "
-                              "the generator drew other words for one tokenizer; pass word lists both keep whole "
-                              "(circuit_distill.analysis.named_task_pair does this for entity tracking)")
 
 
 def shared_positions(teacher_data: TaskData, student_data: TaskData,
@@ -69,11 +57,6 @@ def shared_positions(teacher_data: TaskData, student_data: TaskData,
     if not names:
         raise ConfigError("the two task data share no named position")
     return tuple(sorted(names, key=lambda nm: (float(teacher_data.position(nm).float().mean()), nm)))
-
-
-def position_matrix(td: TaskData, names: Sequence[str]) -> torch.Tensor:
-    """``[n, k]`` token index of each named position (columns in ``names`` order) in ``td.clean``."""
-    return torch.stack([td.position(nm).long() for nm in names], 1)
 
 
 @torch.no_grad()

@@ -4,7 +4,10 @@
 and writes safetensors shards (atomically: tmp file then ``os.replace``) and ``index.json``.
 ``TeacherCache.load(path)`` serves the rows of a batch of example indices, so training with the
 cache runs no teacher forward. With ``positions == "all"`` each head is stored as
-``[n, seq, d_head]`` with the attention mask ``[n, seq]``; otherwise the selected rows ``[n, d_head]``.
+``[n, seq, d_head]`` with the attention mask ``[n, seq]``; otherwise one row per prompt: ``[n, d_head]`` at
+one named position, ``[n, k * d_head]`` at ``k`` comma-separated ones (``tasks.positions.prompt_rows``).
+The rows are read at the positions of the task data the cache is built on, so a teacher whose tokenizer
+differs from the student's is cached on its own tokenization of the same prompts.
 
 A cache can also hold the teacher's *intervened* answer logits ``[n, V]`` of the interchange
 interventions IIT trains on (``distill.iit.cache_interchanges`` computes them; ``add_intervened``
@@ -30,7 +33,7 @@ from ..model.components import Component, parse_components
 from ..model.hooks import capture
 from ..model.logits import answer_logits
 from ..tasks.base import TaskData
-from ..tasks.positions import select_rows, task_positions
+from ..tasks.positions import prompt_rows, task_positions
 
 INDEX = "index.json"
 FORMAT = 1
@@ -44,7 +47,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def teacher_outputs(teacher, td: TaskData, components: Sequence[Component], positions: str,
                     idx: torch.Tensor | None = None) -> tuple[dict[Component, torch.Tensor], torch.Tensor]:
     """One teacher forward on rows ``idx`` of ``td``: ``({head: [b, seq, d] if positions == "all" else
-    [b, d]}, answer logits [b, V])`` (answer at ``positions["last"]``)."""
+    [b, d] at one named position, [b, k * d] at k comma-separated ones (``prompt_rows``)}, answer logits [b, V])``
+    (answer at ``positions["last"]``)."""
     b = td.clean if idx is None else td.clean.subset(idx)
     last = td.positions["last"] if idx is None else td.positions["last"][idx]
     with capture(teacher, list(components), detach=True) as cap:  # unembedding at the answer position only
@@ -53,17 +57,19 @@ def teacher_outputs(teacher, td: TaskData, components: Sequence[Component], posi
         for c in components:
             a = cap[c]
             if positions != "all":
-                a = select_rows(a, b.attention_mask, task_positions(td, positions, idx))
+                a = prompt_rows(a, b.attention_mask, task_positions(td, positions, idx))
             acts[c] = a.float()
     return acts, logits.float()
 
 
 def build_cache(teacher, train: TaskData, components: Sequence[Component | str], positions: str,
-                path: str | os.PathLike, *, batch_size: int = 128, shard_rows: int = 4096) -> TeacherCache:
+                path: str | os.PathLike, *, batch_size: int = 128, shard_rows: int = 4096,
+                logits: bool = True) -> TeacherCache:
     """Run ``teacher`` over ``train`` and write the cache to directory ``path``; return it loaded.
 
     Writes ``shard-XXXXX.safetensors`` (keys: component names, ``logits [r, V]``, ``mask [r, seq]``)
-    and ``index.json`` (n, positions, components, shard row ranges, teacher name).
+    and ``index.json`` (n, positions, components, shard row ranges, teacher name). ``logits=False``
+    stores ``[r, 0]`` instead (across tokenizers nothing reads them: Gemma 3's are 1 MB per prompt).
     """
     comps = sorted(set(parse_components(components)))
     if not comps:
@@ -77,10 +83,10 @@ def build_cache(teacher, train: TaskData, components: Sequence[Component | str],
         parts: dict[str, list[torch.Tensor]] = {}
         for b0 in range(s0, s1, batch_size):
             idx = torch.arange(b0, min(s1, b0 + batch_size))
-            acts, logits = teacher_outputs(teacher, train, comps, positions, idx)
+            acts, out = teacher_outputs(teacher, train, comps, positions, idx)
             for c, a in acts.items():
                 parts.setdefault(str(c), []).append(a.cpu())
-            parts.setdefault("logits", []).append(logits.cpu())
+            parts.setdefault("logits", []).append(out.cpu() if logits else out.new_zeros(len(idx), 0).cpu())
         tensors = {k: torch.cat(v) for k, v in parts.items()}
         tensors["mask"] = train.clean.attention_mask[s0:s1].to(torch.int8)
         name = f"shard-{len(shards):05d}.safetensors"

@@ -10,7 +10,8 @@ from ..errors import ConfigError
 from .objectives import get_objective
 from .trainable import SUBSETS
 
-POSITIONS_HELP = "'all' (every non-padding token), 'last', or the name of a task position"
+POSITIONS_HELP = ("'all' (every non-padding token), 'last', the name of a task position, or names comma-separated "
+                  "(one row per prompt and position)")
 MATCHINGS = ("ablation", "hungarian", "random")  # the matchers the distill command can run
 # allowed values of the interchange-intervention options (see distill.iit)
 IIT_COUNTERPARTS = ("corrupted", "other", "same_answer", "self")
@@ -26,7 +27,7 @@ class DistillConfig(Config):
     override_example = "lr=1e-3 or task_options.seq_len=16"
 
     teacher: str | None = option(None, "teacher model: hub id, local directory or builtin:NAME")
-    student: str | None = option(None, "student model (shares the teacher's tokenizer)")
+    student: str | None = option(None, "student model (another tokenizer: gold labels, alignment at named positions, no KD)")
     dtype: str = option("float32", "weights of both models as loaded: float32 | bfloat16 | float16")
     task: str | None = option(None, "task name (circuit_distill.tasks.task_names())")
     task_options: dict = option(help="keyword options of the task, e.g. {seq_len: 16}", factory=dict)

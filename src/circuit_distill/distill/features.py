@@ -20,7 +20,7 @@ from ..model.components import Component
 from ..model.hooks import capture
 from ..model.logits import answer_logits
 from ..tasks.base import TaskData
-from ..tasks.positions import Positions, select_rows, task_positions
+from ..tasks.positions import Positions, select_rows, task_positions, unstack_prompt_rows
 from .cache import TeacherCache, teacher_outputs
 from .losses import pair_ckas
 
@@ -28,8 +28,9 @@ Pair = tuple[Component, Component]
 
 
 def as_rows(acts: torch.Tensor, attention_mask: torch.Tensor, positions: Positions) -> torch.Tensor:
-    """``[batch, seq, d]`` -> selected rows ``[rows, d]``; already-selected ``[batch, d]`` passes through."""
-    return acts if acts.dim() == 2 else select_rows(acts, attention_mask, positions)
+    """``[batch, seq, d]`` -> selected rows ``[rows, d]``; already-selected prompt rows (``[batch, d]``, or
+    ``[batch, k * d]`` at ``k`` named positions) -> ``[batch * k, d]`` as ``select_rows`` orders them."""
+    return unstack_prompt_rows(acts, positions) if acts.dim() == 2 else select_rows(acts, attention_mask, positions)
 
 
 def stacked_head_rows(student_acts, pairs: Sequence[Pair], flat: torch.Tensor | None) -> torch.Tensor:
@@ -106,18 +107,22 @@ def shuffled_targets(teacher_acts: dict[Component, torch.Tensor], attention_mask
 
 @torch.no_grad()
 def pair_cka(student, pairs: Sequence[Pair], td: TaskData, positions: str, *, teacher=None,
-             cache: TeacherCache | None = None, n: int = 128, debiased: bool = False) -> list[float]:
+             cache: TeacherCache | None = None, n: int = 128, debiased: bool = False,
+             teacher_data: TaskData | None = None) -> list[float]:
     """Linear CKA of each (student head, teacher head) pair over the first ``n`` prompts of ``td`` (rows
-    at ``positions``: ``"all"``, ``"last"`` or a task position's name), in pair order.
+    at ``positions``: ``"all"``, ``"last"`` or task position names, comma-separated), in pair order.
 
-    The teacher's activations come from a forward of ``teacher`` if given, else from ``cache``, which
-    must hold ``td``'s rows (a cache of the training set, with ``td`` that set)."""
+    The teacher's activations come from a forward of ``teacher`` if given (on ``teacher_data``, its own
+    tokenization of ``td``'s prompts, if given: then ``positions`` must name positions), else from ``cache``,
+    which must hold ``td``'s rows (a cache of the training set, with ``td`` that set)."""
     if not pairs:
         return []
     idx = torch.arange(min(len(td), n))
     t_comps = sorted({t for _, t in pairs})
+    if teacher_data is not None and positions == "all":
+        raise ConfigError("pair_cka across tokenizers compares rows at named positions, not positions='all'")
     if teacher is not None:
-        t_acts, _ = teacher_outputs(teacher, td, t_comps, positions, idx)
+        t_acts, _ = teacher_outputs(teacher, td if teacher_data is None else teacher_data, t_comps, positions, idx)
     elif cache is not None:
         cache.check(t_comps, positions, len(td))
         t_acts, _ = cache.rows(idx, t_comps)

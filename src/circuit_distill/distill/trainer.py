@@ -81,12 +81,18 @@ class DistillResult:
 def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, TaskData] | None = None,
             component_map: ComponentMap | None = None, config: DistillConfig, out_dir=None,
             progress: bool | None = None, resume: bool = False, overwrite: bool = False,
-            cache: TeacherCache | None = None, stop=None) -> DistillResult:
+            cache: TeacherCache | None = None, teacher_data: TaskData | None = None,
+            teacher_eval_sets: dict[str, TaskData] | None = None, stop=None) -> DistillResult:
     """Train ``student`` (a ``Model``) on ``train`` with ``config.objective`` and return a ``DistillResult``.
 
-    - ``teacher``: a ``Model`` sharing the student's tokenizer; needed unless a teacher cache
-      covers everything (``config.use_cache`` builds one in ``out_dir/teacher_cache`` on first use,
-      or pass ``cache``). Online teacher forwards run under ``no_grad``.
+    - ``teacher``: a ``Model``; needed unless a teacher cache covers everything (``config.use_cache``
+      builds one in ``out_dir/teacher_cache`` on first use, or pass ``cache``). Online teacher forwards
+      run under ``no_grad``.
+    - ``teacher_data``: when the teacher's tokenizer differs from the student's, its own tokenization of
+      ``train``'s prompts, row for row (``analysis.named_task_pair``); the alignment then reads both models
+      at the task's named positions, one row per prompt, and KD/IIT and teacher labels are refused
+      (``distill.teacher.teacher_data_for``). ``teacher_eval_sets``: the same for ``eval_sets`` (by name;
+      the pair CKA is measured on held-out prompts only with it, else on the cached training rows).
     - ``component_map``: student head -> teacher head pairs (required for alignment objectives and
       for ``trainable="matched_heads"``); ``random_cka`` objectives use a seeded random map instead.
     - ``eval_sets``: ``{name: TaskData}`` evaluated every ``config.eval_every`` steps and at the end.
@@ -117,7 +123,8 @@ def distill(student, train: TaskData, *, teacher=None, eval_sets: dict[str, Task
     pairs = list(cmap.pairs) if cmap is not None else []
     task_positions(train, cfg.positions)  # validates the name early
     source = open_teacher_source(obj, cfg, train, sorted({t for _, t in pairs}), teacher=teacher, cache=cache,
-                                 out=out, accelerator=acc)
+                                 out=out, accelerator=acc, teacher_data=teacher_data)
+    source.eval_data = dict(teacher_eval_sets or {})
     prepare_interchanges(obj, cfg, source, pairs, acc)
     state = start_training(student, cfg, [s for s, _ in pairs], acc, out / CHECKPOINT if out is not None else None)
     if resume:
@@ -220,14 +227,16 @@ def train_micro_batch(state: TrainState, student, train: TaskData, idx: torch.Te
 
 def trained_pair_cka(student, eval_sets: dict[str, TaskData], pairs: list[Pair], source: TeacherSource,
                      cfg: DistillConfig) -> list[float]:
-    """``pair_cka`` of the run's pairs on held-out data (the first eval set, teacher online) if there is a
-    teacher and an eval set, else on the cached training rows, else ``[]``."""
+    """``pair_cka`` of the run's pairs on held-out data (the first eval set, teacher online; across tokenizers
+    only with the teacher's tokenization of that set) if there is a teacher and an eval set, else on the
+    cached training rows, else ``[]``."""
     n, kw = cfg.eval_batch_size, {"debiased": cfg.debiased}
-    if source.teacher is not None and eval_sets:
-        td = next(iter(eval_sets.values()))
-        return pair_cka(student, pairs, td, cfg.positions, teacher=source.teacher, n=n, **kw)
+    name, td = next(iter(eval_sets.items()), (None, None))
+    theirs = source.eval_data.get(name) if source.across_tokenizers else None
+    if source.teacher is not None and td is not None and (theirs is not None or not source.across_tokenizers):
+        return pair_cka(student, pairs, td, cfg.positions, teacher=source.teacher, n=n, teacher_data=theirs, **kw)
     if source.cache is not None:
-        return pair_cka(student, pairs, source.data, cfg.positions, cache=source.cache, n=n, **kw)
+        return pair_cka(student, pairs, source.train, cfg.positions, cache=source.cache, n=n, **kw)
     return []
 
 
@@ -306,6 +315,7 @@ def run_manifest(student, objective: Objective, component_map: ComponentMap | No
             "trainable": {"subset": cfg.trainable, "count": info.count, "total": info.total,
                           "fraction": info.fraction}, "num_processes": state.accelerator.num_processes,
             "teacher": getattr(source.teacher, "name", None), "student": getattr(student, "name", None),
+            "across_tokenizers": source.across_tokenizers,
             "teacher_cache": str(cache.path) if cache is not None and cache.path else None}
 
 

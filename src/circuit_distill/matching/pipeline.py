@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..model.activations import read_activations
 from ..model.components import Component
 from ..tasks.base import TaskData
+from ..tasks.positions import check_same_prompts, position_matrix, prompt_rows, same_tokens
 from .map import ComponentMap
 from .matchers import match
 
@@ -67,28 +68,42 @@ def check_shared_tokenizer(teacher, student, td: TaskData, max_prompts: int = 16
                           "compares models across tokenizers at the task's named positions)")
 
 
-def head_rows(model, td: TaskData, heads: Sequence[Component], n: int = 128):
-    """Each head's output at every real token of the first ``n`` prompts: ``head -> [rows, d_head]``."""
+def head_rows(model, td: TaskData, heads: Sequence[Component], n: int = 128, names: Sequence[str] | None = None):
+    """Each head's output at every real token of the first ``n`` prompts: ``head -> [rows, d_head]``; with
+    ``names`` (task positions), at those named positions only, concatenated: ``head -> [n, k * d_head]``."""
     b = td.clean
-    return read_activations(model, b.input_ids[:n], b.attention_mask[:n], heads, batch_size=None,
-                            real_tokens=True, to_cpu=False)
+    if names is None:
+        return read_activations(model, b.input_ids[:n], b.attention_mask[:n], heads, batch_size=None,
+                                real_tokens=True, to_cpu=False)
+    acts = read_activations(model, b.input_ids[:n], b.attention_mask[:n], heads, batch_size=None, to_cpu=False)
+    pos = position_matrix(td, names)[:n].to(next(iter(acts.values())).device)
+    return {c: prompt_rows(a, b.attention_mask[:n], pos) for c, a in acts.items()}
 
 
 def discover_and_match(teacher, student, td: TaskData, *, matchers: Sequence[str] = MATCHERS, seed: int = 0,
-                       log=None, **discover_kw) -> MatchedCircuits:
+                       log=None, student_data: TaskData | None = None, **discover_kw) -> MatchedCircuits:
     """Both circuits (see ``discover``; each model swept once) and the map of every one of ``matchers``:
     ``ablation`` (the paper's rule), ``hungarian``, ``ablation_norm`` (the paper's rule on per-model
     normalised effects), ``cka`` (by activation similarity on ``td``), ``random`` (seeded). Both models run
-    ``td``'s token ids, so they must share a tokenizer (``ConfigError`` otherwise)."""
-    check_shared_tokenizer(teacher, student, td)
+    ``td``'s token ids, so they must share a tokenizer (``ConfigError`` otherwise), unless ``student_data``
+    holds the student's own tokenization of the same prompts: then each model is swept on its own tokens
+    (ablation effects are per model) and ``cka`` compares the heads at every position both name, one row per
+    prompt (the positions concatenated)."""
+    if student_data is None:
+        check_shared_tokenizer(teacher, student, td)
+        student_data, names = td, None
+    else:
+        check_same_prompts(td, student_data)
+        names = None if same_tokens(td, student_data) else sorted(set(td.positions) & set(student_data.positions))
     t = discover(teacher, td, **discover_kw)
-    s = discover(student, td, **discover_kw)
+    s = discover(student, student_data, **discover_kw)
     tc, sc = t.circuit.components, s.circuit.components
     maps = {}
     for name in matchers:
         kw = {"method": "ablation", "normalize": True} if name == "ablation_norm" else {"method": name}
         if name == "cka":
-            kw.update(teacher_acts=head_rows(teacher, td, tc), student_acts=head_rows(student, td, sc))
+            kw.update(teacher_acts=head_rows(teacher, td, tc, names=names),
+                      student_acts=head_rows(student, student_data, sc, names=names))
         maps[name] = match(t.effects, s.effects, tc, sc, seed=seed, **kw)
     if log is not None:
         for side, d in (("teacher", t), ("student", s)):
