@@ -18,6 +18,7 @@ from circuit_distill.training.curricula import curriculum_for
 from circuit_distill.training.curricula.theory_of_mind import (
     Story,
     belief,
+    binding_words,
     entity_pools,
     question_words,
     story_words,
@@ -94,6 +95,29 @@ def test_training_batch_first_question_is_a_task_prompt_and_entities_come_from_t
         assert {s.c1, s.c2, *s.containers, *s.drinks, s.place} <= allowed
     assert 0 < easy < 64  # both forms among the extra questions
     assert not set(CHARACTERS[1::2]) & allowed and not set(DRINKS[1::2]) & allowed  # test split never drawn
+
+
+def test_binding_questions_ask_a_filling_sentence_and_story_entities_are_distinct():
+    cfg = _mini(n_queries=4, bind_fraction=1.0, batch_size=24)
+    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
+    ids, mask, labels = sample_batch(cfg, tok, step=3)
+    asked = set()
+    for r in range(ids.shape[0]):
+        words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
+        s = _parse(words)
+        assert len({s.c1, s.c2, *s.containers, *s.drinks, s.place}) == 8  # no word in two roles
+        targets = (labels[r] != -100).nonzero()[:, 0].tolist()
+        for t in targets[1:]:  # every extra question: "... What did NAME first fill the CONT with ? Answer :"
+            i = (s.c1, s.c2).index(words[t - 8])
+            assert words[t - 12:t + 1] == binding_words(words[t - 8], s.containers[i])
+            assert words[t + 1] == s.drinks[i]  # the drink of that filling sentence, refilled or not
+            asked.add(i)
+    assert asked == {0, 1}
+    none = _mini(n_queries=4, batch_size=24)
+    words = tok.convert_ids_to_tokens(sample_batch(none, tok, step=3)[0].flatten().tolist())
+    assert "did" not in words and "did" in tok.get_vocab()
+    with pytest.raises(ConfigError, match="bind_fraction"):
+        _mini(bind_fraction=1.5)
 
 
 def test_story_loss_targets_every_predictable_word_and_keeps_the_answers():

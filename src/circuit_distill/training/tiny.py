@@ -81,6 +81,8 @@ class TinyTrainConfig(Config):
     fillers: int = option(256, "theory_of_mind: training-only entity words e0.. (see training.curricula)")
     story_loss: bool = option(False, "theory_of_mind: also train next-word prediction on every predictable "
                                      "word (template words and entities seen before), not only the answers")
+    bind_fraction: float = option(0.0, "theory_of_mind: fraction of the extra questions asking what a character "
+                                       "first filled a container with (the binding alone; see training.curricula)")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -103,8 +105,9 @@ class TinyTrainConfig(Config):
         curriculum_for(self.task).validate(self)
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
-        if not 0.0 <= self.easy_fraction <= 1.0:
-            raise ConfigError(f"easy_fraction must be in [0, 1], got {self.easy_fraction}")
+        for k in ("easy_fraction", "bind_fraction"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.anneal_from is not None and not 0 <= self.anneal_from < self.max_steps:
