@@ -150,6 +150,7 @@ class StudyConfig(ProtocolConfig):
     threads: int = option(0, "torch CPU threads per process (0: torch's default)")
 
     def validate(self) -> None:
+        super().validate()
         self.row_specs()  # every row name parses
         bad = [s for s in self.trainable if s not in SCOPES]
         if bad:
