@@ -120,6 +120,28 @@ def test_binding_questions_ask_a_filling_sentence_and_story_entities_are_distinc
         _mini(bind_fraction=1.5)
 
 
+def test_recap_repeats_the_filling_sentences_with_containers_and_drinks_as_targets():
+    cfg = _mini(n_queries=2, recap_fraction=1.0, batch_size=16)
+    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
+    ids, mask, labels = sample_batch(cfg, tok, step=7)
+    firsts = set()
+    for r in range(ids.shape[0]):
+        words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
+        s = _parse(words)
+        recap = words[-22:]
+        firsts.add((s.c1, s.c2).index(recap[0]))
+        for k in (0, 11):
+            i = (s.c1, s.c2).index(recap[k])
+            assert recap[k:k + 11] == [recap[k], "grabs", "an", "opaque", s.containers[i], "and", "fills", "it", "with",
+                                       s.drinks[i], "."]
+        targets = [t for t in (labels[r] != -100).nonzero()[:, 0].tolist() if t >= len(words) - 23]
+        assert [words[t + 1] for t in targets] == [recap[4], recap[9], recap[15], recap[20]]
+        assert all(int(labels[r, t]) == int(ids[r, t + 1]) for t in targets)
+    assert firsts == {0, 1}  # both orders
+    none = sample_batch(_mini(n_queries=2, batch_size=16), tok, step=7)[0]
+    assert none.shape[1] < ids.shape[1]
+
+
 def test_story_loss_targets_every_predictable_word_and_keeps_the_answers():
     plain, story = _mini(n_queries=3, batch_size=6), _mini(n_queries=3, batch_size=6, story_loss=True)
     tok = curriculum_for("theory_of_mind").tokenizer(plain)

@@ -83,6 +83,8 @@ class TinyTrainConfig(Config):
                                      "word (template words and entities seen before), not only the answers")
     bind_fraction: float = option(0.0, "theory_of_mind: fraction of the extra questions asking what a character "
                                        "first filled a container with (the binding alone; see training.curricula)")
+    recap_fraction: float = option(0.0, "theory_of_mind: fraction of sequences ending with the two filling "
+                                        "sentences again, their containers and drinks as targets (see training.curricula)")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -105,7 +107,7 @@ class TinyTrainConfig(Config):
         curriculum_for(self.task).validate(self)
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
-        for k in ("easy_fraction", "bind_fraction"):
+        for k in ("easy_fraction", "bind_fraction", "recap_fraction"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         if not 0.0 < self.target_accuracy <= 1.0:
