@@ -191,6 +191,27 @@ def test_task_words_keep_their_random_embeddings_and_fillers_are_redrawn_each_st
     assert torch.equal(hf2.get_input_embeddings().weight[fillers], seen[2])  # a function of (seed, step)
 
 
+def test_entity_shift_adds_one_vector_to_every_entity_word_frozen_and_redrawn():
+    plain, shifted = _mini(d_model=64), _mini(d_model=64, entity_shift=2.0)
+    cur = curriculum_for("theory_of_mind")
+    tok = cur.tokenizer(plain)
+    vocab = tok.get_vocab()
+    rows = sorted(vocab[w] for w in cur.frozen_words(plain))
+    fillers = [vocab[w] for w in cur.redrawn_words(plain)]
+    a, b = build_model(plain, tok), build_model(shifted, tok)
+    redraw_embeddings(a, plain, tok, 3)
+    redraw_embeddings(b, shifted, tok, 3)
+    wa, wb = a.get_input_embeddings().weight.detach(), b.get_input_embeddings().weight.detach()
+    diff = wb[rows] - wa[rows]  # the same random draws, shifted by one vector
+    assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-6)
+    assert diff[0].norm().item() == pytest.approx(2.0, rel=1e-4)
+    assert torch.allclose(wb[fillers] - wa[fillers], diff[: len(fillers)], atol=1e-6)
+    template = [vocab[w] for w in ("believe", "Question")]
+    assert torch.equal(wa[template], wb[template])
+    with pytest.raises(ConfigError, match="entity_shift"):
+        _mini(entity_shift=-1.0)
+
+
 def _weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 

@@ -85,6 +85,9 @@ class TinyTrainConfig(Config):
                                        "first filled a container with (the binding alone; see training.curricula)")
     recap_fraction: float = option(0.0, "theory_of_mind: fraction of sequences ending with the two filling "
                                         "sentences again, their containers and drinks as targets (see training.curricula)")
+    entity_shift: float = option(0.0, "theory_of_mind: norm of one fixed random vector added to every entity "
+                                      "embedding, so a head at any entity word has a word-independent query (see "
+                                      "training.curricula)")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -107,6 +110,8 @@ class TinyTrainConfig(Config):
         curriculum_for(self.task).validate(self)
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
+        if not 0.0 <= self.entity_shift < float("inf"):
+            raise ConfigError(f"entity_shift must be a finite number >= 0, got {self.entity_shift}")
         for k in ("easy_fraction", "bind_fraction", "recap_fraction"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
@@ -141,6 +146,13 @@ def sample_batch(cfg: TinyTrainConfig, tokenizer, step: int) -> tuple[torch.Tens
     return input_ids, mask, labels
 
 
+def entity_shift(cfg: TinyTrainConfig) -> torch.Tensor:
+    """``[d_model]``: the vector added to every frozen and redrawn embedding (norm ``cfg.entity_shift``, a
+    fixed random direction of ``cfg.seed``; zeros when 0)."""
+    v = torch.randn(cfg.d_model, generator=torch.Generator().manual_seed(cfg.seed + 77_777))
+    return v / v.norm() * cfg.entity_shift
+
+
 def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
     """A fresh Llama-style model, initialised from ``cfg.seed``.
 
@@ -159,7 +171,7 @@ def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
     if frozen:
         weight = hf.get_input_embeddings().weight
         with torch.no_grad():
-            weight[frozen] = torch.randn(len(frozen), cfg.d_model) / cfg.d_model ** 0.5
+            weight[frozen] = torch.randn(len(frozen), cfg.d_model) / cfg.d_model ** 0.5 + entity_shift(cfg)
         keep = torch.ones(weight.shape[0], 1)
         keep[frozen] = 0.0
         weight.register_hook(lambda grad: grad * keep)
@@ -249,7 +261,8 @@ def redraw_embeddings(hf, cfg: TinyTrainConfig, tokenizer, step: int) -> None:
     rows = [vocab[w] for w in words]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     with torch.no_grad():
-        hf.get_input_embeddings().weight[rows] = torch.randn(len(rows), cfg.d_model, generator=gen) / cfg.d_model ** 0.5
+        hf.get_input_embeddings().weight[rows] = (torch.randn(len(rows), cfg.d_model, generator=gen) / cfg.d_model ** 0.5
+                                                  + entity_shift(cfg))
 
 
 def tiny_step(hf, opt, sched, cfg: TinyTrainConfig, tokenizer, step: int) -> torch.Tensor:
