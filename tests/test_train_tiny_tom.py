@@ -212,6 +212,20 @@ def test_entity_shift_adds_one_vector_to_every_entity_word_frozen_and_redrawn():
         _mini(entity_shift=-1.0)
 
 
+def test_qk_match_init_starts_each_query_head_as_a_multiple_of_its_key_head():
+    cfg = _mini(n_layers=2, qk_match_init=3.0)  # 4 query heads, 2 KV heads of 8 dimensions
+    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
+    hf, plain = build_model(cfg, tok), build_model(_mini(n_layers=2), tok)
+    for layer, ref in zip(hf.model.layers, plain.model.layers):
+        q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+        for h in range(4):
+            assert torch.equal(q[8 * h:8 * h + 8], 3.0 * k[8 * (h // 2):8 * (h // 2) + 8])
+        assert torch.equal(k, ref.self_attn.k_proj.weight)  # the rest as without it
+        assert not torch.equal(q, ref.self_attn.q_proj.weight)
+    with pytest.raises(ConfigError, match="qk_match_init"):
+        _mini(qk_match_init=float("nan"))
+
+
 def _weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 

@@ -47,6 +47,8 @@ def register(sub) -> None:
                    "with the two filling sentences again (their containers and drinks as targets: the bindings alone)")
     p.add_argument("--entity-shift", type=float, default=0.0, help="theory_of_mind: norm of one fixed random vector "
                    "added to every entity embedding (a word-independent query at entity words)")
+    p.add_argument("--qk-match-init", type=float, default=0.0, help="start each query head as this multiple of its "
+                   "key head (mimetic initialisation: heads start out matching a word with its earlier mentions)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint.pt goes (default: OUT)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (an error if there is none)")
@@ -81,7 +83,7 @@ def run(args) -> int:
     cfg = TinyTrainConfig(
         task=args.task, target_cases=[c for c in args.target_cases.split(",") if c], fillers=args.fillers, story_loss=args.story_loss,
         bind_fraction=args.bind_fraction, recap_fraction=args.recap_fraction,
-        entity_shift=args.entity_shift,
+        entity_shift=args.entity_shift, qk_match_init=args.qk_match_init,
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
         d_mlp=args.d_mlp,
         min_boxes=lo, max_boxes=hi, n_queries=args.queries, easy_fraction=args.easy_fraction,

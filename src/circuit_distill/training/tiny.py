@@ -88,6 +88,8 @@ class TinyTrainConfig(Config):
     entity_shift: float = option(0.0, "theory_of_mind: norm of one fixed random vector added to every entity "
                                       "embedding, so a head at any entity word has a word-independent query (see "
                                       "training.curricula)")
+    qk_match_init: float = option(0.0, "start each query head as this multiple of its key head (mimetic "
+                                       "initialisation: heads start out matching a word with its earlier mentions; 0: off)")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -110,8 +112,9 @@ class TinyTrainConfig(Config):
         curriculum_for(self.task).validate(self)
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
-        if not 0.0 <= self.entity_shift < float("inf"):
-            raise ConfigError(f"entity_shift must be a finite number >= 0, got {self.entity_shift}")
+        for k in ("entity_shift", "qk_match_init"):
+            if not 0.0 <= getattr(self, k) < float("inf"):
+                raise ConfigError(f"{k} must be a finite number >= 0, got {getattr(self, k)}")
         for k in ("easy_fraction", "bind_fraction", "recap_fraction"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
@@ -153,6 +156,20 @@ def entity_shift(cfg: TinyTrainConfig) -> torch.Tensor:
     return v / v.norm() * cfg.entity_shift
 
 
+def match_queries_to_keys(hf, cfg: TinyTrainConfig) -> None:
+    """Mimetic initialisation of the attention scores (Trockman and Kolter, 2023): each query head starts as
+    ``qk_match_init`` times the key head of its GQA group, so ``W_Q^T W_K`` is positive semi-definite and
+    every head starts out preferring tokens like its own (content matching: a word and its earlier mention)."""
+    d_head = cfg.d_model // cfg.n_heads
+    group = cfg.n_heads // cfg.n_kv_heads
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+            for h in range(cfg.n_heads):
+                g = h // group
+                q[h * d_head:(h + 1) * d_head] = cfg.qk_match_init * k[g * d_head:(g + 1) * d_head]
+
+
 def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
     """A fresh Llama-style model, initialised from ``cfg.seed``.
 
@@ -166,6 +183,8 @@ def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
                          d_model=cfg.d_model, d_mlp=cfg.d_mlp, vocab_size=len(tokenizer), max_positions=256, **extra)
     torch.manual_seed(cfg.seed)
     hf = AutoModelForCausalLM.from_config(hf_cfg)
+    if cfg.qk_match_init:
+        match_queries_to_keys(hf, cfg)
     vocab = tokenizer.get_vocab()
     frozen = sorted(vocab[w] for w in cur.frozen_words(cfg))
     if frozen:
