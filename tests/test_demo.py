@@ -9,6 +9,7 @@ import pytest
 from circuit_distill import tiny_model
 from circuit_distill.config import load_config
 from circuit_distill.demo import IIT_ROWS, PAPER_ROWS, DemoConfig, run_demo
+from circuit_distill.demo.tables import format_table
 from circuit_distill.errors import ConfigError
 from circuit_distill.model import Component
 from circuit_distill.training.tiny import entity_tokenizer
@@ -323,3 +324,32 @@ def test_demo_grid_writes_the_map_keeps_the_rows_and_resumes(pair, tmp_path, mon
     off = run_demo(grid_cfg(pair, grid=False), tmp_path, progress=False, log=lambda *a: None)
     assert "grid" not in off and off["rows"] == res["rows"] and demo_trained == [] and trained == [lost.stem]
     assert "The map" not in (tmp_path / "report.html").read_text()
+
+
+def test_demo_on_theory_of_mind_reports_accuracy_per_case(tmp_path):
+    from circuit_distill.tasks.theory_of_mind import CASES
+    from circuit_distill.training.curricula import curriculum_for
+    from circuit_distill.training.tiny import TinyTrainConfig
+
+    tok = curriculum_for("theory_of_mind").tokenizer(TinyTrainConfig(task="theory_of_mind", fillers=4))
+    t = tiny_model("llama", tmp_path / "t", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, tokenizer=tok, seed=3)
+    s = tiny_model("llama", tmp_path / "s", n_layers=1, n_heads=4, n_kv_heads=2, d_model=32, tokenizer=tok, seed=4)
+    cfg = DemoConfig(task="theory_of_mind", teacher=str(t), student=str(s), seeds=[0], steps=2, batch_size=4,
+                     n_train=16, n_eval=12, n_discovery=12, eval_every=1, circuit_top_k=2, grid=False,
+                     extra_matchers=[])
+    data = cfg.make_data(tok)
+    assert {d.metadata[0]["case"] for d in (data["true_belief"], data["false_belief"], data["unknown"])} == set(CASES)
+    assert {m["case"] for m in data["hard"].metadata} == {"false_belief"}
+    assert data["train"].options["split"] == "train" and data["eval"].options["split"] == "test"
+    res = run_demo(cfg, tmp_path / "out", progress=False, log=lambda *a: None)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["task"] == "theory_of_mind" and set(PAPER_ROWS) == set(on_disk["rows"])
+    for side in ("teacher", "student_before"):
+        assert all(0 <= on_disk[side][f"acc_{c}"] <= 1 for c in CASES)
+    for name, row in on_disk["rows"].items():
+        assert all(len(row[f"acc_{c}_per_seed"]) == 1 for c in CASES), name
+    table = format_table(res["rows"]).splitlines()
+    assert table[0].endswith("true belief  false belief  unknown")
+    assert "false belief" in (tmp_path / "out" / "report.html").read_text()
+    with pytest.raises(ConfigError, match="task must be one of"):
+        DemoConfig(task="ioi")

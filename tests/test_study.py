@@ -378,3 +378,18 @@ def test_study_command_refuses_bad_settings_in_one_line(tmp_path, capsys):
     assert main(["study", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_saved_before_the_task_setting_existed_still_continue(tmp_path):
+    from circuit_distill.study.config import StudyConfig
+    from circuit_distill.study.runner import RUNS, SETTINGS, check_settings
+
+    cfg = StudyConfig()
+    (tmp_path / RUNS).mkdir()
+    (tmp_path / RUNS / "a.json").write_text("{}")
+    saved = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "task"}
+    (tmp_path / SETTINGS).write_text(json.dumps(saved))
+    assert check_settings(tmp_path, cfg)  # entity tracking, as those runs were
+    tom = StudyConfig(task="theory_of_mind")
+    with pytest.raises(ConfigError, match="differs in: task"):
+        check_settings(tmp_path, tom)

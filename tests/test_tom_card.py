@@ -83,3 +83,13 @@ def test_tom_card_describes_every_head_and_is_written_in_place(tom_dir, tmp_path
     text = (d / "README.md").read_text()
     assert text.count(START) == 1 and text.count(END) == 1 and "Reads the visibility sentence" in text
     assert json.loads((d / "circuit.json").read_text())["task"] == "theory_of_mind"
+
+
+def test_model_card_cli_writes_the_theory_of_mind_card_of_the_task_in_training_json(tom_dir, tmp_path, capsys):
+    from circuit_distill.cli import main
+
+    assert main(["model-card", str(tom_dir), "--n", "9", "--out", str(tmp_path), "--no-progress"]) == 0
+    card = json.loads((tmp_path / "circuit.json").read_text())
+    assert card["task"] == "theory_of_mind" and card["n"] == 9
+    assert "Reads the visibility sentence" in (tmp_path / "README.md").read_text()
+    assert "Reads the visibility sentence" in capsys.readouterr().out

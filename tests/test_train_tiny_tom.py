@@ -18,6 +18,7 @@ from circuit_distill.training.curricula import curriculum_for
 from circuit_distill.training.curricula.theory_of_mind import (
     Story,
     belief,
+    binding_words,
     entity_pools,
     question_words,
     story_words,
@@ -96,6 +97,51 @@ def test_training_batch_first_question_is_a_task_prompt_and_entities_come_from_t
     assert not set(CHARACTERS[1::2]) & allowed and not set(DRINKS[1::2]) & allowed  # test split never drawn
 
 
+def test_binding_questions_ask_a_filling_sentence_and_story_entities_are_distinct():
+    cfg = _mini(n_queries=4, bind_fraction=1.0, batch_size=24)
+    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
+    ids, mask, labels = sample_batch(cfg, tok, step=3)
+    asked = set()
+    for r in range(ids.shape[0]):
+        words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
+        s = _parse(words)
+        assert len({s.c1, s.c2, *s.containers, *s.drinks, s.place}) == 8  # no word in two roles
+        targets = (labels[r] != -100).nonzero()[:, 0].tolist()
+        for t in targets[1:]:  # every extra question: "... What did NAME first fill the CONT with ? Answer :"
+            i = (s.c1, s.c2).index(words[t - 8])
+            assert words[t - 12:t + 1] == binding_words(words[t - 8], s.containers[i])
+            assert words[t + 1] == s.drinks[i]  # the drink of that filling sentence, refilled or not
+            asked.add(i)
+    assert asked == {0, 1}
+    none = _mini(n_queries=4, batch_size=24)
+    words = tok.convert_ids_to_tokens(sample_batch(none, tok, step=3)[0].flatten().tolist())
+    assert "did" not in words and "did" in tok.get_vocab()
+    with pytest.raises(ConfigError, match="bind_fraction"):
+        _mini(bind_fraction=1.5)
+
+
+def test_recap_repeats_the_filling_sentences_with_containers_and_drinks_as_targets():
+    cfg = _mini(n_queries=2, recap_fraction=1.0, batch_size=16)
+    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
+    ids, mask, labels = sample_batch(cfg, tok, step=7)
+    firsts = set()
+    for r in range(ids.shape[0]):
+        words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
+        s = _parse(words)
+        recap = words[-22:]
+        firsts.add((s.c1, s.c2).index(recap[0]))
+        for k in (0, 11):
+            i = (s.c1, s.c2).index(recap[k])
+            assert recap[k:k + 11] == [recap[k], "grabs", "an", "opaque", s.containers[i], "and", "fills", "it", "with",
+                                       s.drinks[i], "."]
+        targets = [t for t in (labels[r] != -100).nonzero()[:, 0].tolist() if t >= len(words) - 23]
+        assert [words[t + 1] for t in targets] == [recap[4], recap[9], recap[15], recap[20]]
+        assert all(int(labels[r, t]) == int(ids[r, t + 1]) for t in targets)
+    assert firsts == {0, 1}  # both orders
+    none = sample_batch(_mini(n_queries=2, batch_size=16), tok, step=7)[0]
+    assert none.shape[1] < ids.shape[1]
+
+
 def test_story_loss_targets_every_predictable_word_and_keeps_the_answers():
     plain, story = _mini(n_queries=3, batch_size=6), _mini(n_queries=3, batch_size=6, story_loss=True)
     tok = curriculum_for("theory_of_mind").tokenizer(plain)
@@ -143,6 +189,41 @@ def test_task_words_keep_their_random_embeddings_and_fillers_are_redrawn_each_st
     hf2 = build_model(cfg, tok)
     redraw_embeddings(hf2, cfg, tok, 2)
     assert torch.equal(hf2.get_input_embeddings().weight[fillers], seen[2])  # a function of (seed, step)
+
+
+def test_entity_shift_adds_one_vector_to_every_entity_word_frozen_and_redrawn():
+    plain, shifted = _mini(d_model=64), _mini(d_model=64, entity_shift=2.0)
+    cur = curriculum_for("theory_of_mind")
+    tok = cur.tokenizer(plain)
+    vocab = tok.get_vocab()
+    rows = sorted(vocab[w] for w in cur.frozen_words(plain))
+    fillers = [vocab[w] for w in cur.redrawn_words(plain)]
+    a, b = build_model(plain, tok), build_model(shifted, tok)
+    redraw_embeddings(a, plain, tok, 3)
+    redraw_embeddings(b, shifted, tok, 3)
+    wa, wb = a.get_input_embeddings().weight.detach(), b.get_input_embeddings().weight.detach()
+    diff = wb[rows] - wa[rows]  # the same random draws, shifted by one vector
+    assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-6)
+    assert diff[0].norm().item() == pytest.approx(2.0, rel=1e-4)
+    assert torch.allclose(wb[fillers] - wa[fillers], diff[: len(fillers)], atol=1e-6)
+    template = [vocab[w] for w in ("believe", "Question")]
+    assert torch.equal(wa[template], wb[template])
+    with pytest.raises(ConfigError, match="entity_shift"):
+        _mini(entity_shift=-1.0)
+
+
+def test_qk_match_init_starts_each_query_head_as_a_multiple_of_its_key_head():
+    cfg = _mini(n_layers=2, qk_match_init=3.0)  # 4 query heads, 2 KV heads of 8 dimensions
+    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
+    hf, plain = build_model(cfg, tok), build_model(_mini(n_layers=2), tok)
+    for layer, ref in zip(hf.model.layers, plain.model.layers):
+        q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+        for h in range(4):
+            assert torch.equal(q[8 * h:8 * h + 8], 3.0 * k[8 * (h // 2):8 * (h // 2) + 8])
+        assert torch.equal(k, ref.self_attn.k_proj.weight)  # the rest as without it
+        assert not torch.equal(q, ref.self_attn.q_proj.weight)
+    with pytest.raises(ConfigError, match="qk_match_init"):
+        _mini(qk_match_init=float("nan"))
 
 
 def _weights(path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,9 @@ from __future__ import annotations
 def register(sub) -> None:
     p = sub.add_parser("demo", help="distil the built-in entity-tracking teacher into the built-in student with "
                                     "every method of the paper's table, over several seeds, and write a report")
+    p.add_argument("--task", default="entity_tracking", choices=("entity_tracking", "theory_of_mind"),
+                   help="the task and its built-in pair (theory_of_mind: builtin:tom-teacher -> builtin:tom-student, "
+                   "accuracy per case, no map: --set grid=true with grid_students to add one)")
     p.add_argument("--out", default="runs/demo", help="output directory (results.json, report.html, runs.json)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1); default 3")
     p.add_argument("--steps", type=int, default=None, help="distillation steps per run (default: DemoConfig.steps)")
@@ -21,10 +24,13 @@ def run(args) -> int:
     from ..config import load_config
     from ..demo import DemoConfig, run_demo
     from ..errors import ConfigError
+    from ..study.protocol import PAIRS
 
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     flags = {"seeds": list(range(args.seeds)), **({"steps": args.steps} if args.steps is not None else {})}
+    if args.task != "entity_tracking":  # its built-in pair; the map's students are entity tracking's
+        flags.update(task=args.task, teacher=PAIRS[args.task][0], student=PAIRS[args.task][1], grid=False)
     cfg = load_config(DemoConfig, overrides=args.overrides, base=flags)
     run_demo(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
     return 0

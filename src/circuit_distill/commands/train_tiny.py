@@ -41,6 +41,14 @@ def register(sub) -> None:
     p.add_argument("--fillers", type=int, default=256, help="theory_of_mind: training-only entity words")
     p.add_argument("--story-loss", action="store_true", help="theory_of_mind: also train next-word prediction on "
                    "the predictable words (template words, entities seen before), not only the answers")
+    p.add_argument("--bind-fraction", type=float, default=0.0, help="theory_of_mind: fraction of the extra questions "
+                   "asking what a character first filled a container with (the container -> drink binding alone)")
+    p.add_argument("--recap-fraction", type=float, default=0.0, help="theory_of_mind: fraction of sequences ending "
+                   "with the two filling sentences again (their containers and drinks as targets: the bindings alone)")
+    p.add_argument("--entity-shift", type=float, default=0.0, help="theory_of_mind: norm of one fixed random vector "
+                   "added to every entity embedding (a word-independent query at entity words)")
+    p.add_argument("--qk-match-init", type=float, default=0.0, help="start each query head as this multiple of its "
+                   "key head (mimetic initialisation: heads start out matching a word with its earlier mentions)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint.pt goes (default: OUT)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (an error if there is none)")
@@ -74,6 +82,8 @@ def run(args) -> int:
     lo, hi = (_ints(args.boxes) or [0])[0], (_ints(args.boxes) or [0])[-1]
     cfg = TinyTrainConfig(
         task=args.task, target_cases=[c for c in args.target_cases.split(",") if c], fillers=args.fillers, story_loss=args.story_loss,
+        bind_fraction=args.bind_fraction, recap_fraction=args.recap_fraction,
+        entity_shift=args.entity_shift, qk_match_init=args.qk_match_init,
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
         d_mlp=args.d_mlp,
         min_boxes=lo, max_boxes=hi, n_queries=args.queries, easy_fraction=args.easy_fraction,

@@ -82,6 +82,7 @@ class DemoConfig(ProtocolConfig):
     grid_jobs: int = option(2, "worker processes of the grid (the study runner's --jobs)")
 
     def validate(self) -> None:
+        super().validate()
         unknown = [m for m in self.extra_matchers if m not in EXTRA_MATCHERS]
         if unknown:
             raise ConfigError(f"unknown demo matcher(s) {', '.join(map(repr, unknown))} in extra_matchers; "

@@ -29,12 +29,14 @@ def write_demo_report(results: dict, out: Path, *, cmp_before=None, cmp_after=No
     it ran), accuracy curves, bars, and head-influence heatmaps."""
 
     rows = results["rows"]
+    task = results.get("task", "entity_tracking")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>circuit-distill demo</title>",
         f"<style>{CSS}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>",
-        "</head><body><h1>circuit-distill demo: entity tracking</h1>",
+        f"</head><body><h1>circuit-distill demo: {html.escape(task.replace('_', ' '))}</h1>",
         f"<p>Teacher <code>{html.escape(results['teacher']['model'])}</code>: accuracy "
-        f"{results['teacher']['acc']:.3f} (training-range boxes), {results['teacher']['acc_hard']:.3f} (harder split). "
+        f"{results['teacher']['acc']:.3f} / {results['teacher']['acc_hard']:.3f} "
+        f"({html.escape(results.get('held_out', 'evaluation box count / harder split'))}). "
         f"Student before distillation: {results['student_before']['acc']:.3f} / "
         f"{results['student_before']['acc_hard']:.3f}, alignment A = {results['student_before']['alignment']:.3f}. "
         f"Seeds: {results['seeds']}. Runtime {results['runtime_s']:.0f}s.</p>",

@@ -24,6 +24,7 @@ from ..files import atomic_write_json
 from ..matching import discover_and_match
 from ..model import load_model
 from ..tasks import evaluate
+from ..tasks.theory_of_mind import CASES
 from .experiment import REPORT_ROW, DemoConfig, demo_rows
 from .grid import check_grid, grid_summary, run_grid
 from .report import write_demo_report
@@ -83,6 +84,11 @@ def accuracies(model, eval_sets: dict) -> dict[str, float]:
     return {k: evaluate(model, td, progress=False)["accuracy"] for k, td in eval_sets.items()}
 
 
+def case_accuracies(acc: dict) -> dict[str, float]:
+    """``acc_<case>`` for each theory-of-mind case among the held-out sets of ``acc`` (set -> accuracy)."""
+    return {f"acc_{c}": acc[c] for c in CASES if c in acc}
+
+
 def teacher_cache(teacher, train, heads, positions: str, path: Path) -> TeacherCache:
     """One cache of the teacher circuit's heads over the training prompts, shared by every row."""
     build_cache(teacher, train, heads, positions, path)
@@ -118,6 +124,7 @@ def run_row(cfg: DemoConfig, row: str, spec: tuple[str, str, str], seed: int, ct
         "pair_cka_after": sum(ckas) / len(ckas) if ckas else math.nan, "alignment_after": float(cmp.alignment),
         "trained_param_fraction": res.trained_fraction, "trained_params": res.trained_params,
         "curve": accuracy_curve(res.history, ctx["student_acc"], res.final_eval, res.steps),
+        **case_accuracies(accuracies(student, ctx["case_sets"])),
     }
     if cfg.iit_rows:
         record["iia_after"] = mean_iia(student, ctx)
@@ -172,8 +179,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
     teacher, student0 = load_pair(cfg, log)
     data = cfg.make_data(teacher.tokenizer)
     ev = {"eval": data["eval"], "hard": data["hard"]}
-    t_acc, s_acc = accuracies(teacher, ev), accuracies(student0, ev)
-    log(f"teacher accuracy {t_acc['eval']:.3f} at {cfg.eval_boxes} boxes, {t_acc['hard']:.3f} at {cfg.hard_boxes}; "
+    case_sets = {c: data[c] for c in CASES if c in data}  # measured before and after training, not on the curves
+    t_acc, s_acc = accuracies(teacher, {**ev, **case_sets}), accuracies(student0, {**ev, **case_sets})
+    log(f"teacher accuracy {t_acc['eval']:.3f} / {t_acc['hard']:.3f} ({cfg.held_out()}); "
         f"student before {s_acc['eval']:.3f} / {s_acc['hard']:.3f}")
     log("discovering circuits and matching components")
     found = discover_and_match(teacher, student0, data["discovery"], circuit=cfg.circuit, top_k=cfg.circuit_top_k,
@@ -181,7 +189,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
     cmp_before = compare(teacher, student0, data["discovery"], n_boot=200, progress=False,
                          teacher_sweep=found.teacher.sweep, student_sweep=found.student.sweep)
     log(f"alignment score A before distillation: {float(cmp_before.alignment):.3f}")
-    ctx = {"teacher": teacher, "data": data, "eval_sets": ev, "maps": found.maps, "student_acc": s_acc,
+    ctx = {"teacher": teacher, "data": data, "eval_sets": ev, "case_sets": case_sets, "maps": found.maps,
+           "student_acc": s_acc,
            "teacher_sweep": cmp_before.teacher_sweep,
            "cache": teacher_cache(teacher, data["train"], found.teacher.circuit.components, cfg.positions,
                                   out / "teacher_cache")}
@@ -193,8 +202,11 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "runs/demo", *, progress:
     summary = summarise_rows(runs)
     results = {
         "rows": {r: summary[r] for r in rows},
-        "teacher": {"acc": t_acc["eval"], "acc_hard": t_acc["hard"], "model": cfg.teacher, "params": teacher.n_params},
-        "student_before": {"acc": s_acc["eval"], "acc_hard": s_acc["hard"], "alignment": float(cmp_before.alignment),
+        "task": cfg.task, "held_out": cfg.held_out(),
+        "teacher": {"acc": t_acc["eval"], "acc_hard": t_acc["hard"], **case_accuracies(t_acc), "model": cfg.teacher,
+                    "params": teacher.n_params},
+        "student_before": {"acc": s_acc["eval"], "acc_hard": s_acc["hard"], **case_accuracies(s_acc),
+                           "alignment": float(cmp_before.alignment),
                            "model": cfg.student, "params": student0.n_params,
                            **({"iia": mean_iia(student0, ctx)} if cfg.iit_rows else {})},
         "circuits": {side: {"components": [str(c) for c in d.circuit.components], "faithfulness": d.circuit.faithfulness}

@@ -13,6 +13,9 @@ from collections import defaultdict
 import numpy as np
 
 ROW_SCALARS = ("acc", "acc_hard", "pair_cka_after", "alignment_after", "trained_param_fraction")
+# measured only by some runs: interchange intervention accuracy, accuracy per theory-of-mind case
+OPTIONAL_SCALARS = ("iia_after", "acc_true_belief", "acc_false_belief", "acc_unknown")
+CASE_COLUMNS = {"acc_true_belief": "true belief", "acc_false_belief": "false belief", "acc_unknown": "unknown"}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -32,7 +35,7 @@ def summarise_rows(runs: list[dict]) -> dict[str, dict]:
     for row, rs in by_row.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         summary: dict = {"seeds": [r["seed"] for r in rs]}
-        for key in ROW_SCALARS + (("iia_after",) if any("iia_after" in r for r in rs) else ()):
+        for key in ROW_SCALARS + tuple(k for k in OPTIONAL_SCALARS if any(k in r for r in rs)):
             vals = [r.get(key) for r in rs]
             m, s = _mean_std(vals)
             summary[f"{key}_mean"], summary[f"{key}_std"] = m, s
@@ -70,13 +73,15 @@ def cells(r: dict, name: str) -> tuple[str, ...]:
 
 def format_table(rows: dict[str, dict], order: list[str] | None = None) -> str:
     """A plain-text table: row, accuracy, hard-split accuracy (mean +- std), pair CKA, alignment, trained %,
-    and the interchange intervention accuracy when the runs measured it."""
+    and the interchange intervention accuracy and the accuracy per theory-of-mind case (mean over seeds)
+    when the runs measured them."""
     order = order or list(rows)
     iia = any("iia_after_mean" in r for r in rows.values())
+    cases = [k for k in CASE_COLUMNS if any(f"{k}_mean" in r for r in rows.values())]
     header = ("row", "acc (mean ± std)", "acc hard (mean ± std)", "pair CKA", "alignment A", "trained %") + (
-        ("IIA",) if iia else ())
+        ("IIA",) if iia else ()) + tuple(CASE_COLUMNS[k] for k in cases)
     lines = [cells(rows[name], name) + ((f"{rows[name].get('iia_after_mean', math.nan):.3f}",) if iia else ())
-             for name in order]
+             + tuple(f"{rows[name].get(f'{k}_mean', math.nan):.3f}" for k in cases) for name in order]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]

@@ -83,7 +83,7 @@ FIXED_ROWS = {
 GRID_KEYS = ("students", "trainable", "positions", "rows", "row_positions", "seeds")
 ANALYSIS_KEYS = ("n_boot", "ci_level", "goal_margin", "goal_trained_fraction", "goal_iia_margin", "threads")
 # run settings added after the first studies: a directory saved without one holds runs made as with its default
-LATER_KEYS = ("iit_counterpart", "iit_pairs", "iit_loss", "iit_lam", "iia")
+LATER_KEYS = ("iit_counterpart", "iit_pairs", "iit_loss", "iit_lam", "iia", "task")
 SCOPES = {"matched_heads": ("matched_heads", False), "matched_heads+kv": ("matched_heads", True),
           "attention": ("attention", False), "all": ("all", False)}
 
@@ -150,6 +150,7 @@ class StudyConfig(ProtocolConfig):
     threads: int = option(0, "torch CPU threads per process (0: torch's default)")
 
     def validate(self) -> None:
+        super().validate()
         self.row_specs()  # every row name parses
         bad = [s for s in self.trainable if s not in SCOPES]
         if bad:

@@ -81,6 +81,15 @@ class TinyTrainConfig(Config):
     fillers: int = option(256, "theory_of_mind: training-only entity words e0.. (see training.curricula)")
     story_loss: bool = option(False, "theory_of_mind: also train next-word prediction on every predictable "
                                      "word (template words and entities seen before), not only the answers")
+    bind_fraction: float = option(0.0, "theory_of_mind: fraction of the extra questions asking what a character "
+                                       "first filled a container with (the binding alone; see training.curricula)")
+    recap_fraction: float = option(0.0, "theory_of_mind: fraction of sequences ending with the two filling "
+                                        "sentences again, their containers and drinks as targets (see training.curricula)")
+    entity_shift: float = option(0.0, "theory_of_mind: norm of one fixed random vector added to every entity "
+                                      "embedding, so a head at any entity word has a word-independent query (see "
+                                      "training.curricula)")
+    qk_match_init: float = option(0.0, "start each query head as this multiple of its key head (mimetic "
+                                       "initialisation: heads start out matching a word with its earlier mentions; 0: off)")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -103,8 +112,12 @@ class TinyTrainConfig(Config):
         curriculum_for(self.task).validate(self)
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
             raise ConfigError("n_heads must divide d_model and be a multiple of n_kv_heads")
-        if not 0.0 <= self.easy_fraction <= 1.0:
-            raise ConfigError(f"easy_fraction must be in [0, 1], got {self.easy_fraction}")
+        for k in ("entity_shift", "qk_match_init"):
+            if not 0.0 <= getattr(self, k) < float("inf"):
+                raise ConfigError(f"{k} must be a finite number >= 0, got {getattr(self, k)}")
+        for k in ("easy_fraction", "bind_fraction", "recap_fraction"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.anneal_from is not None and not 0 <= self.anneal_from < self.max_steps:
@@ -136,6 +149,27 @@ def sample_batch(cfg: TinyTrainConfig, tokenizer, step: int) -> tuple[torch.Tens
     return input_ids, mask, labels
 
 
+def entity_shift(cfg: TinyTrainConfig) -> torch.Tensor:
+    """``[d_model]``: the vector added to every frozen and redrawn embedding (norm ``cfg.entity_shift``, a
+    fixed random direction of ``cfg.seed``; zeros when 0)."""
+    v = torch.randn(cfg.d_model, generator=torch.Generator().manual_seed(cfg.seed + 77_777))
+    return v / v.norm() * cfg.entity_shift
+
+
+def match_queries_to_keys(hf, cfg: TinyTrainConfig) -> None:
+    """Mimetic initialisation of the attention scores (Trockman and Kolter, 2023): each query head starts as
+    ``qk_match_init`` times the key head of its GQA group, so ``W_Q^T W_K`` is positive semi-definite and
+    every head starts out preferring tokens like its own (content matching: a word and its earlier mention)."""
+    d_head = cfg.d_model // cfg.n_heads
+    group = cfg.n_heads // cfg.n_kv_heads
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+            for h in range(cfg.n_heads):
+                g = h // group
+                q[h * d_head:(h + 1) * d_head] = cfg.qk_match_init * k[g * d_head:(g + 1) * d_head]
+
+
 def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
     """A fresh Llama-style model, initialised from ``cfg.seed``.
 
@@ -149,12 +183,14 @@ def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
                          d_model=cfg.d_model, d_mlp=cfg.d_mlp, vocab_size=len(tokenizer), max_positions=256, **extra)
     torch.manual_seed(cfg.seed)
     hf = AutoModelForCausalLM.from_config(hf_cfg)
+    if cfg.qk_match_init:
+        match_queries_to_keys(hf, cfg)
     vocab = tokenizer.get_vocab()
     frozen = sorted(vocab[w] for w in cur.frozen_words(cfg))
     if frozen:
         weight = hf.get_input_embeddings().weight
         with torch.no_grad():
-            weight[frozen] = torch.randn(len(frozen), cfg.d_model) / cfg.d_model ** 0.5
+            weight[frozen] = torch.randn(len(frozen), cfg.d_model) / cfg.d_model ** 0.5 + entity_shift(cfg)
         keep = torch.ones(weight.shape[0], 1)
         keep[frozen] = 0.0
         weight.register_hook(lambda grad: grad * keep)
@@ -244,7 +280,8 @@ def redraw_embeddings(hf, cfg: TinyTrainConfig, tokenizer, step: int) -> None:
     rows = [vocab[w] for w in words]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     with torch.no_grad():
-        hf.get_input_embeddings().weight[rows] = torch.randn(len(rows), cfg.d_model, generator=gen) / cfg.d_model ** 0.5
+        hf.get_input_embeddings().weight[rows] = (torch.randn(len(rows), cfg.d_model, generator=gen) / cfg.d_model ** 0.5
+                                                  + entity_shift(cfg))
 
 
 def tiny_step(hf, opt, sched, cfg: TinyTrainConfig, tokenizer, step: int) -> torch.Tensor:

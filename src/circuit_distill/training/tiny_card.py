@@ -10,7 +10,7 @@ from .curricula import curriculum_for
 
 # what a record written before these options existed was trained with
 RECORD_DEFAULTS = {"task": "entity_tracking", "anneal_from": None, "same_boxes_per_batch": False,
-                   "story_loss": False}
+                   "story_loss": False, "bind_fraction": 0.0, "recap_fraction": 0.0, "entity_shift": 0.0, "qk_match_init": 0.0}
 
 
 def model_card(record: dict) -> str:

@@ -24,6 +24,46 @@ form that stops right after the container (``... What does Bob believe the bottl
 answer is predicted at the container token itself (as the easy ``Box T object`` form of entity
 tracking does).
 
+**Binding question** (``bind_fraction``, an easier auxiliary form). A fraction of the extra questions
+asks what a character first filled its container with (``Question : What did Bob first fill the bottle
+with ? Answer : beer``), answered by one filling sentence alone, whether or not the container was
+refilled since. Why: true belief (Q sees P: the refill, always at the same place) and unknown (Q does
+not see P: "unknown") can be answered from the visibility sentence alone, and a model trained without
+this question learned exactly that (true belief 1.0, unknown 0.88-1.0, false belief 0.0-0.06 at step
+4,750). False belief is the one case that needs the container -> drink binding: the queried
+container's *first* filling, found by matching the question's container (a fresh random vector) with
+its mention in the story. The belief questions train it only mixed with the visibility rule; the
+binding question trains the lookup alone.
+
+**Recap** (``recap_fraction``, a denser form of the same lookup). A fraction of the sequences ends
+with the two filling sentences again, in random order (``Bob grabs an opaque bottle and fills it with
+beer .``), each container and drink a target: four bindings per recap (name -> container, container
+-> drink), with no question or visibility rule around them. Why: with the binding question alone
+(3 layers, d_model 128, batch 32, story loss, ``bind_fraction`` 0.4) the model had still not learned
+to match a word with its earlier mention at step 2,250: on false-belief prompts it answered
+"unknown" (0.61-0.96 of them) or one of the two first drinks at random (Q's 0.215, P's 0.175 at step
+2,000), and it answered the binding question (asked after the task's question, as in training) with
+one of the two first drinks at chance (right 0.465 at step 2,250); held-out false belief went 0.06,
+0.30, 0.30, 0.03, 0.17, 0.11 at steps 1,000-2,250. The recap did not change that either (run b of
+``docs/theory-of-mind-training.md``: binding right 0.495 at step 4,000); it stays because it costs
+little and trains the lookup where no other rule answers it.
+
+**Entity shift** (``TinyTrainConfig.entity_shift``, applied by ``train_tiny``): every entity embedding
+(the task's frozen words and the redrawn fillers alike) gets one fixed random vector added. Why: the
+model has no biases and no absolute positions, so in the first layer the query at an entity word is a
+function of that word's random vector alone: no head there can look back by position (e.g. a drink
+reading its container five words back, which is what the binding needs). Measured (attention of the
+recap's drink prediction, 64 test-split stories): without the shift, at step 4,000, every first-layer
+head at the story's drink positions spread its attention evenly (0.04 on the container), and the
+heads that fetch a drink for the recap put equal mass on the matching and the other story drink
+(0.33 / 0.33); with a shift of norm 1, at step 750, first-layer heads at the drinks look back by
+position (one puts 0.67 on the word before). Unseen words stay like the training words: their random
+part is never seen and the shift is shared. The shift alone did not bring the binding by step 3,000
+(see ``docs/theory-of-mind-training.md``: no teacher reaches the bar yet).
+
+The eight entities of a story are distinct words (the kinds share the filler pool; drawn
+independently, about one story in eleven gave one word two roles, e.g. a drink that is also a name).
+
 **Story loss** (``story_loss``, an easier auxiliary signal). With the loss on the answers only, a
 model must learn to copy a word it has never seen (a fresh random vector) from the context before any
 answer improves, and a 3-layer model at batch 32 showed no sign of it after 500 steps (the mass on the
@@ -45,6 +85,7 @@ from ...tasks import evaluate, make_task, task_vocabulary
 from ...tasks.theory_of_mind import CASES, CHARACTERS, CONTAINERS, DRINKS, PLACES
 
 QUESTION = ("Question", ":", "What", "does")
+BIND_WORDS = ("did", "first", "fill")  # the binding question's words (not in the task's vocabulary)
 TRAIN_PREFIX = "train:"  # report key of a case measured on the train split
 
 
@@ -87,14 +128,21 @@ def filler_words(fillers: int) -> list[str]:
 
 
 def sample_story(rng: random.Random, pools: dict[str, list[str]]) -> Story:
-    """A story of one of the three cases (uniformly), drawn like the task generator draws it."""
+    """A story of one of the three cases (uniformly), drawn like the task generator draws it; its eight
+    entities are distinct words even when the kinds share one pool (the fillers)."""
     case = rng.choice(CASES)
-    c1, c2 = rng.sample(pools["characters"], 2)
     q_index = rng.randint(0, 1)
     own = rng.random() < 0.5 if case == "true_belief" else case == "false_belief"
-    containers = tuple(rng.sample(pools["containers"], 2))
-    drinks = tuple(rng.sample(pools["drinks"], 3))
-    return Story(c1, c2, q_index, rng.choice(pools["places"]), containers, drinks,
+    used: set[str] = set()
+
+    def draw(kind: str, k: int) -> list[str]:
+        out = rng.sample([w for w in pools[kind] if w not in used], k)
+        used.update(out)
+        return out
+
+    c1, c2 = draw("characters", 2)
+    containers, drinks = tuple(draw("containers", 2)), tuple(draw("drinks", 3))
+    return Story(c1, c2, q_index, draw("places", 1)[0], containers, drinks,
                  containers[q_index if own else 1 - q_index], case == "true_belief", rng.random() < 0.5)
 
 
@@ -114,6 +162,11 @@ def question_words(who: str, container: str, *, easy: bool = False) -> list[str]
     """The question of ``who``'s belief about ``container``; the easy form stops at the container."""
     words = [*QUESTION, who, "believe", "the", container]
     return words if easy else words + ["contains", "?", "Answer", ":"]
+
+
+def binding_words(who: str, container: str) -> list[str]:
+    """The binding question: what ``who`` first filled ``container`` with (``who`` grabbed it)."""
+    return [*QUESTION[:3], "did", who, "first", "fill", "the", container, "with", "?", "Answer", ":"]
 
 
 def belief(s: Story, who: str, container: str) -> str:
@@ -136,6 +189,28 @@ def story_targets(words: list[str], targets: list[int], vocab: dict[str, int], e
     return out
 
 
+def extra_question(s: Story, rng: random.Random, cfg) -> tuple[list[str], str]:
+    """An extra question of story ``s`` and its answer: with probability ``bind_fraction`` the binding
+    question about one of the two filling sentences (answer: its drink), else a random character's
+    belief about a random container (``easy_fraction`` of these in the easy form)."""
+    if rng.random() < cfg.bind_fraction:
+        i = rng.randint(0, 1)
+        return binding_words((s.c1, s.c2)[i], s.containers[i]), s.drinks[i]
+    who, cont = rng.choice((s.c1, s.c2)), rng.choice(s.containers)
+    return question_words(who, cont, easy=rng.random() < cfg.easy_fraction), belief(s, who, cont)
+
+
+def recap_words(s: Story, rng: random.Random) -> tuple[list[str], list[int]]:
+    """The two filling sentences of ``s`` again, in random order (``NAME grabs an opaque CONT and fills it
+    with DRINK .``), and the indices of the words the bindings predict: each container and each drink."""
+    words, predicted = [], []
+    for i in rng.sample((0, 1), 2):
+        predicted += [len(words) + 4, len(words) + 9]
+        words += [(s.c1, s.c2)[i], "grabs", "an", "opaque", s.containers[i], "and", "fills", "it", "with",
+                  s.drinks[i], "."]
+    return words, predicted
+
+
 class TheoryOfMindCurriculum:
     """``theory_of_mind`` for ``train_tiny`` (see the module docstring)."""
 
@@ -150,8 +225,8 @@ class TheoryOfMindCurriculum:
             raise ConfigError(f"fillers must be >= 0, got {cfg.fillers}")
 
     def tokenizer(self, cfg):
-        """Word-level, over the task's vocabulary (both splits) and the filler words."""
-        return word_level_tokenizer(task_vocabulary("theory_of_mind") + filler_words(cfg.fillers))
+        """Word-level, over the task's vocabulary (both splits), the binding question's words and the fillers."""
+        return word_level_tokenizer(task_vocabulary("theory_of_mind") + list(BIND_WORDS) + filler_words(cfg.fillers))
 
     def frozen_words(self, cfg) -> list[str]:
         """Every entity word: its embedding stays at its random initialisation."""
@@ -170,11 +245,16 @@ class TheoryOfMindCurriculum:
             words = story_words(s)
             tgt = [-100] * len(words)
             for j in range(cfg.n_queries):
-                who, cont = (s.q, s.container) if j == 0 else (rng.choice((s.c1, s.c2)), rng.choice(s.containers))
-                q = question_words(who, cont, easy=j > 0 and rng.random() < cfg.easy_fraction)
-                answer = belief(s, who, cont)
+                q, answer = extra_question(s, rng, cfg) if j else (question_words(s.q, s.container),
+                                                                   belief(s, s.q, s.container))
                 words += q + [answer, "."]
                 tgt += [-100] * (len(q) - 1) + [vocab[answer], -100, -100]
+            if cfg.recap_fraction and rng.random() < cfg.recap_fraction:
+                more, predicted = recap_words(s, rng)
+                tgt += [-100] * len(more)
+                for k in predicted:  # each predicted at the word before it
+                    tgt[len(words) + k - 1] = vocab[more[k]]
+                words += more
             if cfg.story_loss:
                 tgt = story_targets(words, tgt, vocab, set().union(*pools.values()))
             rows.append([vocab[w] for w in words])
