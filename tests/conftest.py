@@ -69,3 +69,14 @@ def tiny_bert_dir(tmp_path_factory):
 def random_batch(vocab: int, batch: int = 3, seq: int = 7, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab, (batch, seq), generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests (tiny models run fastest so, above all on a shared,
+    oversubscribed CPU); the previous count is restored after the module.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

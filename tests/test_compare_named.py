@@ -33,12 +33,7 @@ from circuit_distill.tasks import make_task, task_vocabulary
 NAMES = ("object", "earlier_label", "query_label", "last")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wordpiece_tokenizer(words, split: dict[str, tuple[str, str]]) -> PreTrainedTokenizerFast:

@@ -30,12 +30,7 @@ H = Component.make_head
 CMAP = ComponentMap([(H(0, 3), H(0, 1)), (H(1, 0), H(1, 2)), (H(1, 3), H(1, 0))])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

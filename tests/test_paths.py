@@ -21,12 +21,7 @@ from circuit_distill.tasks.metrics import final_logits, per_example, summarise
 H = Component.make_head
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3_text"])

@@ -14,13 +14,7 @@ from circuit_distill.errors import ConfigError
 D, H, KV, DH = 64, 4, 2, 16  # tiny models: d_model, query heads, KV heads (Llama), head width
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, especially on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
