@@ -80,3 +80,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class StopAfterCheckpoint(Exception):
+    """Raised by ``interrupt_after_first_checkpoint`` in place of the rest of a run."""
+
+
+def interrupt_after_first_checkpoint(run, out_dir) -> None:
+    """Call ``run()`` (a ``distill`` call writing to ``out_dir``) and stop it right after its first
+    checkpoint is written to the temporary file, before the atomic rename, as a kill would; then
+    finish that rename by hand, so ``out_dir/checkpoint.pt`` holds exactly the first checkpoint."""
+    import circuit_distill.distill.trainer as tr
+
+    orig, calls = tr.torch.save, []
+
+    def save_then_stop(obj, path):
+        orig(obj, path)
+        calls.append(path)
+        raise StopAfterCheckpoint
+
+    tr.torch.save = save_then_stop
+    try:
+        with pytest.raises(StopAfterCheckpoint):
+            run()
+    finally:
+        tr.torch.save = orig
+    os.replace(calls[0], os.path.join(out_dir, "checkpoint.pt"))

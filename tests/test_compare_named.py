@@ -232,10 +232,16 @@ def test_cli_compare_across_tokenizers(two_tokenizers, tmp_path):
     assert "Across tokenizers" in text and "Control pairs" in text and "student ~ student*" in text
     assert (out / "sweeps" / "student+shuffle_heads.json").is_file()
     # a rerun resumes from the cached sweeps and gives the same numbers
-    before = (out / "sweeps" / "teacher.json").stat().st_mtime_ns
+    sweep_files = sorted((out / "sweeps").glob("*.json"))
+    before = {p: p.stat().st_mtime_ns for p in sweep_files}
     assert main(args) == 0
-    assert (out / "sweeps" / "teacher.json").stat().st_mtime_ns == before
+    assert {p: p.stat().st_mtime_ns for p in sweep_files} == before
     assert json.loads((out / "comparison.json").read_text())["alignment"] == js["alignment"]
+    # other prompts of the same count (another seed) never reuse the cached sweeps
+    old_keys = {p.name: json.loads(p.read_text())["cache_key"] for p in sweep_files}
+    assert main(args[:-2] + ["--seed", "1", "--out", str(out)]) == 0
+    new_keys = {p.name: json.loads(p.read_text())["cache_key"] for p in sweep_files}
+    assert all(new_keys[k] != old_keys[k] for k in old_keys)
     assert main(args[:-4] + ["--controls", "nothing", "--out", str(out)]) == 2
     one = root / "one"
     assert main(args[:-2] + ["--control-sides", "teacher", "--out", str(one)]) == 0

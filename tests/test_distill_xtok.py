@@ -6,7 +6,6 @@ weights change; matching on each model's own tokens; the distill command across 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from circuit_distill.model.loading import resolve_name
 from circuit_distill.model.tokenizer import SPECIAL_TOKENS
 from circuit_distill.tasks import make_task
 from circuit_distill.tasks.positions import position_names, task_positions
+from conftest import interrupt_after_first_checkpoint
 from test_compare_named import SPLIT, WORDS, _retokenised, wordpiece_tokenizer
 
 H = Component.make_head
@@ -153,26 +153,9 @@ def test_resume_is_exact_and_only_matched_heads_change(wordpiece_pair, tmp_path)
     w = dict(full.hf.named_parameters())["transformer.h.0.attn.c_proj.weight"]
     d = w.shape[0] // 4
     assert torch.equal(w[:d], before["transformer.h.0.attn.c_proj.weight"][:d])  # head 0 of layer 0 is not matched
-    import circuit_distill.distill.trainer as tr
-
-    class Stop(Exception):
-        pass
-
-    orig, calls = tr.torch.save, []
-
-    def save_then_stop(obj, path):
-        orig(obj, path)
-        calls.append(path)
-        raise Stop
-
-    tr.torch.save = save_then_stop
-    try:
-        with pytest.raises(Stop):
-            distill(interrupted, sd, teacher=teacher, teacher_data=td, component_map=CMAP, config=c,
-                    out_dir=tmp_path / "int", progress=False)
-    finally:
-        tr.torch.save = orig
-    os.replace(calls[0], tmp_path / "int" / "checkpoint.pt")
+    interrupt_after_first_checkpoint(
+        lambda: distill(interrupted, sd, teacher=teacher, teacher_data=td, component_map=CMAP, config=c,
+                        out_dir=tmp_path / "int", progress=False), tmp_path / "int")
     resumed = load_model(s_dir, check=False)
     res = distill(resumed, sd, teacher=teacher, teacher_data=td, component_map=CMAP, config=c,
                   out_dir=tmp_path / "int", progress=False, resume=True)

@@ -1,7 +1,6 @@
 """Interchange-intervention training: sources, swaps, identity, dead heads, trainable subset, cache, resume, IIA."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from circuit_distill.errors import ConfigError
 from circuit_distill.matching import ComponentMap
 from circuit_distill.model import Component, capture, load_model
 from circuit_distill.tasks import make_task
+from conftest import interrupt_after_first_checkpoint
 
 H = Component.make_head
 CMAP = ComponentMap([(H(1, 0), H(2, 1)), (H(1, 2), H(1, 3))])
@@ -267,26 +267,9 @@ def test_resume_is_exact(dirs, teacher, data, tmp_path):
     c = cfg(steps=8, checkpoint_every=4, iit_positions="earlier,last")
     full = load_model(dirs[1], check=False)
     distill(full, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path / "full", progress=False)
-    import circuit_distill.distill.trainer as tr
-
-    class Stop(Exception):
-        pass
-
-    orig, calls = tr.torch.save, []
-
-    def save_then_stop(obj, path):
-        orig(obj, path)
-        calls.append(path)
-        raise Stop
-
-    tr.torch.save = save_then_stop
-    try:
-        with pytest.raises(Stop):
-            distill(load_model(dirs[1], check=False), train, teacher=teacher, component_map=CMAP, config=c,
-                    out_dir=tmp_path / "int", progress=False)
-    finally:
-        tr.torch.save = orig
-    os.replace(calls[0], tmp_path / "int" / "checkpoint.pt")  # finish the interrupted atomic write
+    interrupt_after_first_checkpoint(
+        lambda: distill(load_model(dirs[1], check=False), train, teacher=teacher, component_map=CMAP, config=c,
+                        out_dir=tmp_path / "int", progress=False), tmp_path / "int")
     resumed = load_model(dirs[1], check=False)
     res = distill(resumed, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path / "int",
                   progress=False, resume=True)

@@ -11,6 +11,7 @@ from circuit_distill.distill.trainer import NonFiniteLossError, distill
 from circuit_distill.matching import ComponentMap
 from circuit_distill.model import Component, load_model
 from circuit_distill.tasks import make_task
+from conftest import interrupt_after_first_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -67,29 +68,9 @@ def test_resume_gives_same_weights(dirs, data, tmp_path):
     # interrupt a second run right after its step-4 checkpoint is written
     interrupted = load_model(dirs[1], check=False)
     c = cfg(steps=8, checkpoint_every=4)
-    import circuit_distill.distill.trainer as tr
-
-    class Stop(Exception):
-        pass
-
-    orig = tr.torch.save
-    calls = []
-
-    def save_then_stop(obj, path):
-        orig(obj, path)
-        calls.append(path)
-        raise Stop
-
-    tr.torch.save = save_then_stop
-    try:
-        with pytest.raises(Stop):
-            distill(interrupted, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path / "int",
-                    progress=False)
-    finally:
-        tr.torch.save = orig
-    # the checkpoint tmp was written but not yet renamed; finish the atomic write by hand
-    import os
-    os.replace(calls[0], tmp_path / "int" / "checkpoint.pt")
+    interrupt_after_first_checkpoint(
+        lambda: distill(interrupted, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path / "int",
+                        progress=False), tmp_path / "int")
     resumed = load_model(dirs[1], check=False)
     res = distill(resumed, train, teacher=teacher, component_map=CMAP, config=c, out_dir=tmp_path / "int",
                   progress=False, resume=True)

@@ -98,21 +98,39 @@ def _task_data(args, teacher, student):
         return t_data, s_data
 
 
+def sweep_cache_key(model_name: str, data, kinds, args) -> str:
+    """What a cached sweep depends on, hashed: the model's name (a control copy's is
+    ``<name>+<kind>``), the ablation, position and component kinds, and every token of the task data
+    (clean, corrupted and reference prompts, answers)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (model_name, args.ablation, args.position, ",".join(kinds)):
+        h.update(f"{part}\0".encode())
+    for t in (data.clean.input_ids, data.clean.attention_mask, data.corrupted.input_ids,
+              data.reference.input_ids, data.answer_ids, data.wrong_ids):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _sweep(path, model, data, kinds, args):
-    """The all-component sweep ``compare`` runs, cached as JSON at ``path`` (a rerun resumes from it)."""
+    """The all-component sweep ``compare`` runs, cached as JSON at ``path`` with its ``sweep_cache_key``
+    (a rerun with the same models, prompts and options resumes from it; anything else sweeps again)."""
+    import json
+
     from ..discovery import SweepResult, sweep_components
     from ..files import atomic_write_json
 
+    key = sweep_cache_key(model.name, data, kinds, args)
     if path.is_file():
-        import json
-
-        sw = SweepResult.from_dict(json.loads(path.read_text()))
-        if sw.n_examples == len(data) and sw.method == args.ablation and sw.position == args.position:
-            return sw
+        d = json.loads(path.read_text())
+        if d.get("cache_key") == key:
+            return SweepResult.from_dict(d)
+        print(f"{path.name}: cached sweep is of other models, prompts or options; sweeping again")
     comps = [c for kd in kinds for c in model.components(kd)]
     sw = sweep_components(model, data, comps, method=args.ablation, position=args.position,
                           batch_size=args.batch_size)
-    atomic_write_json(path, sw.to_dict())
+    atomic_write_json(path, {**sw.to_dict(), "cache_key": key})
     return sw
 
 
@@ -156,12 +174,21 @@ def _controls(args, teacher, student, data, s_data, cmp, controls, cache, kw, co
     from ..discovery import SweepResult
     from ..files import atomic_write_json
 
-    sweeps = {p.stem: SweepResult.from_dict(json.loads(p.read_text())) for p in cache.glob("*+*.json")}
+    s_data = data if s_data is None else s_data
+    keys = {f"{side}+{kind}": sweep_cache_key(f"{m.name}+{kind}", d, kw["kinds"], args)
+            for side, m, d in (("teacher", teacher, data), ("student", student, s_data)) for kind in controls}
+    sweeps = {}
+    for p in cache.glob("*+*.json"):
+        d = json.loads(p.read_text())
+        if d.get("cache_key") is not None and d.get("cache_key") == keys.get(p.stem):
+            sweeps[p.stem] = SweepResult.from_dict(d)
+    cached = set(sweeps)
     sides = [x.strip() for x in args.control_sides.split(",") if x.strip()]
-    out = control_comparisons(teacher, student, data, data if s_data is None else s_data, cmp, controls=controls,
+    out = control_comparisons(teacher, student, data, s_data, cmp, controls=controls,
                               sides=sides, sweeps=sweeps, **kw)
     for name, sw in sweeps.items():
-        atomic_write_json(cache / f"{name}.json", sw.to_dict())
+        if name not in cached:
+            atomic_write_json(cache / f"{name}.json", {**sw.to_dict(), "cache_key": keys[name]})
     return out
 
 
