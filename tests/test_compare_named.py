@@ -237,6 +237,11 @@ def test_cli_compare_across_tokenizers(two_tokenizers, tmp_path):
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in sweep_files} == before
     assert json.loads((out / "comparison.json").read_text())["alignment"] == js["alignment"]
+    # a sweep cached before the keys (no cache_key) is reused on its prompt count and stamped
+    legacy = json.loads(sweep_files[0].read_text())
+    sweep_files[0].write_text(json.dumps({k: v for k, v in legacy.items() if k != "cache_key"}))
+    assert main(args) == 0
+    assert json.loads(sweep_files[0].read_text()) == legacy
     # other prompts of the same count (another seed) never reuse the cached sweeps
     old_keys = {p.name: json.loads(p.read_text())["cache_key"] for p in sweep_files}
     assert main(args[:-2] + ["--seed", "1", "--out", str(out)]) == 0

@@ -113,19 +113,36 @@ def sweep_cache_key(model_name: str, data, kinds, args) -> str:
     return h.hexdigest()
 
 
+def _legacy_match(d: dict, data, args) -> bool:
+    """A sweep cached before the keys (no ``cache_key``) is reused when its prompt count, ablation and
+    position agree, as then (it is stamped with the key, and a note says how to sweep again)."""
+    return ("cache_key" not in d and d.get("n_examples") == len(data) and d.get("method") == args.ablation
+            and d.get("position") == args.position)
+
+
+def _stamp(path, d: dict, key: str):
+    from ..discovery import SweepResult
+    from ..files import atomic_write_json
+
+    if d.get("cache_key") != key:
+        print(f"{path}: a sweep cached before keys, reused by its prompt count; delete it to sweep again")
+        atomic_write_json(path, {**d, "cache_key": key})
+    return SweepResult.from_dict(d)
+
+
 def _sweep(path, model, data, kinds, args):
     """The all-component sweep ``compare`` runs, cached as JSON at ``path`` with its ``sweep_cache_key``
     (a rerun with the same models, prompts and options resumes from it; anything else sweeps again)."""
     import json
 
-    from ..discovery import SweepResult, sweep_components
+    from ..discovery import sweep_components
     from ..files import atomic_write_json
 
     key = sweep_cache_key(model.name, data, kinds, args)
     if path.is_file():
         d = json.loads(path.read_text())
-        if d.get("cache_key") == key:
-            return SweepResult.from_dict(d)
+        if d.get("cache_key") == key or _legacy_match(d, data, args):
+            return _stamp(path, d, key)
         print(f"{path.name}: cached sweep is of other models, prompts or options; sweeping again")
     comps = [c for kd in kinds for c in model.components(kd)]
     sw = sweep_components(model, data, comps, method=args.ablation, position=args.position,
@@ -171,7 +188,6 @@ def _controls(args, teacher, student, data, s_data, cmp, controls, cache, kw, co
     """The control pairs, their sweeps cached next to the true pair's."""
     import json
 
-    from ..discovery import SweepResult
     from ..files import atomic_write_json
 
     s_data = data if s_data is None else s_data
@@ -180,8 +196,8 @@ def _controls(args, teacher, student, data, s_data, cmp, controls, cache, kw, co
     sweeps = {}
     for p in cache.glob("*+*.json"):
         d = json.loads(p.read_text())
-        if d.get("cache_key") is not None and d.get("cache_key") == keys.get(p.stem):
-            sweeps[p.stem] = SweepResult.from_dict(d)
+        if p.stem in keys and (d.get("cache_key") == keys[p.stem] or _legacy_match(d, data, args)):
+            sweeps[p.stem] = _stamp(p, d, keys[p.stem])
     cached = set(sweeps)
     sides = [x.strip() for x in args.control_sides.split(",") if x.strip()]
     out = control_comparisons(teacher, student, data, s_data, cmp, controls=controls,
