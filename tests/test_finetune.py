@@ -180,9 +180,10 @@ def test_every_tuned_name_ships_a_small_delta_and_a_card():
 
 
 @pytest.mark.real
-def test_shipped_gemma3_delta_is_above_its_stated_level():
-    model = load_model("gemma3-270m-et")
-    rec = json.loads((ASSETS / "gemma3-270m-et" / "finetune.json").read_text())
+@pytest.mark.parametrize("name", sorted(TUNED))
+def test_shipped_delta_is_above_its_stated_level(name):
+    model = load_model(name)
+    rec = json.loads((ASSETS / TUNED[name].asset / "finetune.json").read_text())
     cfg = FinetuneConfig(**rec["config"])
     td = make_task("entity_tracking", model.tokenizer, 100, seed=5, n_boxes=cfg.target_boxes, **cfg.task_options)
     acc = in_context_accuracy(model, td)["in_context_accuracy"]

@@ -8,7 +8,8 @@ import io
 import json
 from pathlib import Path
 
-MODELS = ("smollm2-135m", "gemma3-270m")
+MODELS = ("smollm2-135m", "gemma3-270m", "gemma3-270m-et", "smollm2-135m-et")  # pages of those with stages
+COMPARES = ("compare-et", "compare-3boxes", "compare")  # compare runs in report.html, newest first
 ORDER = ("A", "B", "C", "D")
 ROLES = {  # group -> (name, query token, the token kind Prakash's account has it attend to)
     "A": ("value fetcher", "last", "answer_object"),
@@ -192,6 +193,18 @@ CSS = ("body{font-family:sans-serif;max-width:1100px;margin:24px auto;padding:0 
        "pre{background:#f4f5f8;padding:8px}img{max-width:100%}")
 
 
+def compare_html(d: dict, folder: str) -> str:
+    """One compare run: its alignment score and the control pairs' (``d`` is its comparison.json)."""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['alignment']:.3f}</td><td>{v['mean_similarity']:.3f}"
+                   f"</td></tr>" for k, v in d.get("controls", {}).items())
+    return (f"<h2>{html.escape(d['teacher'])} vs {html.escape(d['student'])} (compare, {folder}/)</h2>"
+            f"<p>{d['n_examples']} prompts; alignment score A = {d['alignment']:.3f}, mean similarity "
+            f"{d['mean_similarity']:.3f}, at named positions {', '.join(d.get('named_positions', []))}; the full "
+            f"report is {folder}/report.html.</p><table><tr><th>control pair</th><th>A</th><th>mean S</th></tr>"
+            f"<tr><td><b>true pair</b></td><td><b>{d['alignment']:.3f}</b></td><td>{d['mean_similarity']:.3f}</td></tr>"
+            f"{rows}</table>")
+
+
 def write_all(here: Path) -> None:
     """Write `<model>.md` for every model with saved stages and `report.html` with all of them."""
     parts = []  # only with a model page: the pages of an earlier run stay until a run has stages
@@ -203,16 +216,10 @@ def write_all(here: Path) -> None:
         md = model_markdown(name, st)
         (here / f"{name}.md").write_text(md)
         parts.append(md_to_html(md) + f'<p><img alt="sweep of {name}" src="{heatmap(st)}"></p>')
-    cmp = here / "compare" / "comparison.json"
-    if parts and cmp.is_file():
-        d = json.loads(cmp.read_text())
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['alignment']:.3f}</td><td>{v['mean_similarity']:.3f}"
-                       f"</td></tr>" for k, v in d.get("controls", {}).items())
-        parts.append(f"<h2>{html.escape(d['teacher'])} vs {html.escape(d['student'])} (compare)</h2>"
-                     f"<p>alignment score A = {d['alignment']:.3f}, mean similarity {d['mean_similarity']:.3f}, at "
-                     f"named positions {', '.join(d.get('named_positions', []))}; the full report is "
-                     "compare/report.html.</p><table><tr><th>control pair</th><th>A</th><th>mean S</th></tr>"
-                     f"{rows}</table>")
+    for folder in COMPARES if parts else ():
+        cmp = here / folder / "comparison.json"
+        if cmp.is_file():
+            parts.append(compare_html(json.loads(cmp.read_text()), folder))
     if parts:
         body = "\n<hr>\n".join(parts)
         (here / "report.html").write_text(f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Entity-"

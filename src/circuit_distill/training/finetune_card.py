@@ -14,9 +14,11 @@ def accuracy_table(record: dict) -> list[str]:
     return rows
 
 
-def model_card(record: dict, name: str = "gemma3-270m-et") -> str:
+def model_card(record: dict, name: str | None = None) -> str:
     """The card: what the delta is, how it was trained (seed, steps, wall time), the stopping rule and
-    the held-out accuracies among the prompt's objects before and after."""
+    the held-out accuracies among the prompt's objects before and after. ``name``: the short name it
+    ships under (default ``<base>-et``, as ``model.delta.TUNED`` names the entity-tracking deltas)."""
+    name = name or f"{record['base']}-et"
     c = record["config"]
     curve = ", ".join(f"{s}: {a:.3f}" for s, a in record["heldout_curve"])
     opts = c["task_options"] or {}
