@@ -5,6 +5,7 @@ deterministic from its seed and keeps only the delta; ``gemma3-270m-et`` loads b
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,9 @@ def test_saved_delta_on_the_base_gives_the_finetuned_model_exactly(tiny_dirs, tm
     delta = lora_delta(model.hf, meta={"base": family})
     path = save_delta(delta, tmp_path / "d")
     assert path.name == DELTA_FILE and delta.n_params > 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # readable by others, as a shipped file must be
     assert unload_lora(model.hf) == len(delta.factors)
     merge_delta(model.hf, read_delta(path))
     tuned = _logits(model, ids)  # the fine-tuned model: base + the delta as stored

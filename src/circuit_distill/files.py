@@ -10,13 +10,21 @@ from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp_path)`` then move the result onto ``path`` (parents are created)."""
+    """Call ``write(tmp_path)`` then move the result onto ``path`` (parents are created), with the mode
+    a new file gets under the process umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) create 0600 files: give the usual mode
     os.replace(tmp, path)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

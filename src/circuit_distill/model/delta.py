@@ -45,6 +45,9 @@ TUNED: dict[str, TunedModel] = {
     "gemma3-270m-et": TunedModel(
         "gemma3-270m-et", "gemma3-270m", "gemma3-270m-et",
         "Gemma 3 270M + LoRA (q/o projections) fine-tuned on entity tracking (gold answers)"),
+    "smollm2-135m-et": TunedModel(
+        "smollm2-135m-et", "smollm2-135m", "smollm2-135m-et",
+        "SmolLM2 135M + LoRA (q/o projections) fine-tuned on entity tracking (gold answers)"),
 }
 
 
