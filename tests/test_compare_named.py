@@ -123,7 +123,9 @@ def test_compare_across_tokenizers_runs_and_refuses_without_student_data(two_tok
     td, sd = named_task_pair("entity_tracking", t.tokenizer, s.tokenizer, 8, seed=0, n_boxes=3)
     with pytest.raises(ConfigError, match="student_data"):
         compare(t, s, td, kinds=("head",), n_boot=100)
-    for sim in ("attention", "cka"):
+    with pytest.raises(ConfigError, match="named positions only"):
+        compare(t, t, td, similarity="attention_centred", kinds=("head",), n_boot=100)
+    for sim in ("attention", "attention_centred", "cka"):
         cmp = compare(t, s, td, student_data=sd, similarity=sim, n_boot=100, progress=False)
         assert cmp.positions == list(NAMES)
         assert len(cmp.pairs) == 2 * 2 + 2 and 0.0 <= cmp.alignment <= 1.0
@@ -166,10 +168,36 @@ def test_same_network_behind_another_tokenizer_scores_one(trained_pair):
     teacher, _, same = trained_pair
     td, sd = named_task_pair("entity_tracking", teacher.tokenizer, same.tokenizer, 24, seed=3, n_boxes=3)
     assert not torch.equal(td.clean.input_ids, sd.clean.input_ids)
-    for sim in ("attention", "cka"):
+    for sim in ("attention", "attention_centred", "cka"):
         cmp = compare(teacher, same, td, student_data=sd, similarity=sim, kinds=("head",), n_boot=100)
         assert cmp.alignment == pytest.approx(1.0, abs=1e-5)
         assert all(p.student == p.teacher for p in cmp.pairs)
+
+
+def test_centred_pattern_table_by_hand():
+    from circuit_distill.analysis.named import centred_pattern_table
+    from circuit_distill.model import Component
+
+    g = torch.Generator().manual_seed(0)
+    sm, tm = torch.rand(2, 3, 3, 3, generator=g).tril(), torch.rand(3, 2, 3, 3, generator=g).tril()
+    sc = [Component(1, "head", 2), Component(0, "head", 0)]
+    tc = [Component(2, "head", 1), Component(0, "head", 1), Component(1, "head", 0)]
+    got = centred_pattern_table(sm, tm, sc, tc)
+    low = [(a, b) for a in range(3) for b in range(a + 1)]
+
+    def vec(m, c):  # the head's six lower-triangular entries minus the model's mean head's
+        mean = [sum(float(m[i, j, a, b]) for i in range(m.shape[0]) for j in range(m.shape[1])) / (m.shape[0] * m.shape[1])
+                for a, b in low]
+        return [float(m[c.layer, c.head, a, b]) - mu for (a, b), mu in zip(low, mean)]
+
+    for i, s_ in enumerate(sc):
+        for j, t_ in enumerate(tc):
+            x, y = vec(sm, s_), vec(tm, t_)
+            cos = sum(p * q for p, q in zip(x, y)) / (sum(p * p for p in x) ** 0.5 * sum(q * q for q in y) ** 0.5)
+            assert float(got[i, j]) == pytest.approx(max(0.0, cos), abs=1e-9)
+    # a model whose heads all attend alike has no centred pattern: similarity 0, not 1
+    flat = torch.ones(2, 3, 3, 3).tril()
+    assert float(centred_pattern_table(flat, tm, sc, tc).abs().max()) == 0.0
 
 
 def test_controls_score_below_the_true_pair(trained_pair):

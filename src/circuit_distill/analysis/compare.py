@@ -19,6 +19,7 @@ from ..matching import DIRECTIONS, Pair, match_components
 from ..model.components import Component
 from ..tasks.base import TaskData
 from .alignment import SIMILARITIES, align, influence, layer_cka, similarity_table
+from .named import SIMILARITIES as NAMED_SIMILARITIES
 from .named import check_same_prompts, named_layer_cka, named_similarity_table, shared_positions
 from .robustness import Robustness, brittleness_slope, compression, drops, robustness
 
@@ -168,8 +169,8 @@ def _no_nan(x):
 def _check_options(task_data: TaskData, similarity: str, direction: str, kinds: Sequence[str], metric: str,
                    position: str) -> tuple[str, ...]:
     """Raise ``ConfigError`` on an option ``compare`` cannot use; the kinds as a tuple."""
-    if similarity not in SIMILARITIES:
-        raise ConfigError(f"unknown similarity {similarity!r}; use one of {', '.join(SIMILARITIES)}")
+    if similarity not in (*SIMILARITIES, *NAMED_SIMILARITIES):
+        raise ConfigError(f"unknown similarity {similarity!r}; use one of {', '.join(NAMED_SIMILARITIES)}")
     if direction not in DIRECTIONS:
         raise ConfigError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
     kinds = tuple(kinds)
@@ -214,6 +215,10 @@ def _similarities(teacher, student, task_data: TaskData, student_data: TaskData 
                   positions: Sequence[str] | None) -> tuple[object, torch.Tensor, list[str]]:
     """The similarity table, the layer-by-layer CKA and the named positions used (none: token by token)."""
     if student_data is None:
+        if similarity not in SIMILARITIES:
+            raise ConfigError(f"similarity {similarity!r} is defined at the task's named positions only: pass "
+                              "student_data= (the same prompts as the student tokenises them, e.g. from "
+                              f"analysis.named_task_pair), or use one of {', '.join(SIMILARITIES)}")
         table = similarity_table(teacher, student, task_data, similarity=similarity, kinds=kinds, k=k,
                                  mlp_space=mlp_space, batch_size=batch_size)
         return table, layer_cka(teacher, student, task_data.clean, batch_size=batch_size), []

@@ -15,6 +15,14 @@ Everything here is read at those ``k`` named positions only, one row per prompt:
   after ``a``). Head similarity ``attention`` = the row-wise cosine (over query positions) of the
   prompt-mean ``M_h`` of the student head and of the teacher head: the paper's attention-pattern
   similarity with the pattern restricted to the named tokens.
+- **attention_centred**: the same prompt-mean ``M_h``, minus the mean of ``M`` over every head of
+  that model (its "average head"); two heads are as similar as the cosine of those centred matrices
+  (the ``k (k + 1) / 2`` entries on and below the diagonal, as one vector), clipped to [0, 1]. Why:
+  ``attention`` is near its ceiling on real models (a ``k x k`` causal matrix of positive masses;
+  its first row has one entry, so its cosine is 1 whenever both heads put any mass there), and a
+  copy of SmolLM2 with re-initialised layers matched SmolLM2 as well as Gemma 3 did. Centring scores
+  what a head does *unlike the average head of its model*: heads of a model whose heads all look
+  alike (a random network's) get centred patterns of noise.
 - **outputs** of a component on prompt ``i``: its activation at the ``k`` named positions,
   concatenated (``[n, k * d]``). Similarity ``cka`` = debiased linear CKA (unbiased HSIC, Song et
   al. 2012) of the two ``[n, k * d]`` matrices over the ``n`` prompts, clipped to [0, 1]; the
@@ -41,7 +49,7 @@ from ..similarity import principal_subspace, rowwise_cosine, subspace_similarity
 from ..tasks.base import TaskData
 from ..tasks.positions import check_same_prompts, position_matrix
 
-SIMILARITIES = ("attention", "cka")
+SIMILARITIES = ("attention", "attention_centred", "cka")
 
 
 def shared_positions(teacher_data: TaskData, student_data: TaskData,
@@ -125,11 +133,30 @@ def _pairwise(rows: Sequence[Component], cols: Sequence[Component], sim) -> torc
     return vals
 
 
-def _attention_table(teacher, student, t_td, s_td, names, sc, tc, batch_size) -> torch.Tensor:
-    """Heads by the row-wise cosine of their prompt-mean named attention mass: ``[len(sc), len(tc)]``."""
+def _attention_table(teacher, student, t_td, s_td, names, sc, tc, batch_size, centred: bool = False) -> torch.Tensor:
+    """Heads by the row-wise cosine of their prompt-mean named attention mass (or ``centred_pattern_table``):
+    ``[len(sc), len(tc)]``."""
     tm = named_attention(teacher, t_td, names, batch_size=batch_size).mean(2)  # [L, H, k, k]
     sm = named_attention(student, s_td, names, batch_size=batch_size).mean(2)
+    if centred:
+        return centred_pattern_table(sm, tm, sc, tc)
     return _pairwise(sc, tc, lambda s, t: rowwise_cosine(sm[s.layer, s.head], tm[t.layer, t.head]))
+
+
+def centred_pattern_table(sm: torch.Tensor, tm: torch.Tensor, sc: Sequence[Component],
+                          tc: Sequence[Component]) -> torch.Tensor:
+    """``attention_centred`` of the heads ``sc`` x ``tc``: ``[len(sc), len(tc)]`` in [0, 1], from the
+    prompt-mean named attention ``sm [L_s, H_s, k, k]`` and ``tm [L_t, H_t, k, k]`` (module docstring)."""
+    k = sm.shape[-1]
+    low = torch.tril(torch.ones(k, k, dtype=torch.bool))
+
+    def centred(m: torch.Tensor, comps: Sequence[Component]) -> torch.Tensor:
+        flat = m[..., low].double()  # [L, H, k(k+1)/2]
+        flat = flat - flat.flatten(0, 1).mean(0)
+        rows = torch.stack([flat[c.layer, c.head] for c in comps])
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)  # a zero row stays zero
+
+    return (centred(sm, sc) @ centred(tm, tc).T).clamp(0, 1)
 
 
 def named_similarity_table(teacher, student, teacher_data: TaskData, student_data: TaskData, *,
@@ -152,9 +179,9 @@ def named_similarity_table(teacher, student, teacher_data: TaskData, student_dat
         t_out = named_outputs(teacher, teacher_data, [c for kd in need for c in tc[kd]], names, batch_size=batch_size)
         s_out = named_outputs(student, student_data, [c for kd in need for c in sc[kd]], names, batch_size=batch_size)
     for kd in kinds:
-        if kd == "head" and similarity == "attention":
+        if kd == "head" and similarity.startswith("attention"):
             values[kd] = _attention_table(teacher, student, teacher_data, student_data, names, sc[kd], tc[kd],
-                                          batch_size)
+                                          batch_size, centred=similarity == "attention_centred")
         elif similarity == "cka":
             values[kd] = debiased_cka_table([s_out[c] for c in sc[kd]], [t_out[c] for c in tc[kd]]).clamp(0, 1)
         else:  # MLPs by principal subspaces over (prompt, position) rows

@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="task option (repeatable), e.g. --option style=words")
     p.add_argument("--ablation", default="mean", choices=["mean", "zero", "resample"])
-    p.add_argument("--similarity", default="attention", choices=["attention", "cka"])
+    p.add_argument("--similarity", default="attention", choices=["attention", "attention_centred", "cka"],
+                   help="attention_centred: across tokenizers only (docs/real-models/README.md)")
     p.add_argument("--direction", default="student_to_teacher", choices=["student_to_teacher", "teacher_to_student"])
     p.add_argument("--kinds", default="head,mlp", help="component kinds to compare (default head,mlp)")
     p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "answer_prob", "accuracy"])
@@ -165,7 +166,7 @@ def run(args) -> int:
     bad = [c for c in controls if c not in CONTROLS]
     if bad:
         raise ConfigError(f"unknown control {bad[0]!r}; use none or a comma list of {', '.join(CONTROLS)}")
-    eager = {"attn_implementation": "eager"} if args.similarity == "attention" else {}
+    eager = {"attn_implementation": "eager"} if args.similarity.startswith("attention") else {}
     teacher = load_model(args.teacher, device=args.device, **eager)
     student = load_model(args.student, device=args.device, **eager)
     data, s_data = _task_data(args, teacher, student)
