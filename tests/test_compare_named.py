@@ -263,6 +263,7 @@ def test_cli_compare_across_tokenizers(two_tokenizers, tmp_path):
     assert main(args) == 0
     js = json.loads((out / "comparison.json").read_text())
     assert js["named_positions"] == list(NAMES) and len(js["controls"]) == 4
+    assert js["similarity"] == "attention_centred"  # the default when the tokenizers differ
     text = (out / "report.html").read_text()
     assert "Across tokenizers" in text and "Control pairs" in text and "student ~ student*" in text
     assert (out / "sweeps" / "student+shuffle_heads.json").is_file()

@@ -24,8 +24,9 @@ def register(sub) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="task option (repeatable), e.g. --option style=words")
     p.add_argument("--ablation", default="mean", choices=["mean", "zero", "resample"])
-    p.add_argument("--similarity", default="attention", choices=["attention", "attention_centred", "cka"],
-                   help="attention_centred: across tokenizers only (docs/real-models/README.md)")
+    p.add_argument("--similarity", default=None, choices=["attention", "attention_centred", "cka"],
+                   help="default: attention, or attention_centred when the tokenizers differ (defined only "
+                        "there; docs/real-models/README.md)")
     p.add_argument("--direction", default="student_to_teacher", choices=["student_to_teacher", "teacher_to_student"])
     p.add_argument("--kinds", default="head,mlp", help="component kinds to compare (default head,mlp)")
     p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "answer_prob", "accuracy"])
@@ -166,10 +167,12 @@ def run(args) -> int:
     bad = [c for c in controls if c not in CONTROLS]
     if bad:
         raise ConfigError(f"unknown control {bad[0]!r}; use none or a comma list of {', '.join(CONTROLS)}")
-    eager = {"attn_implementation": "eager"} if args.similarity.startswith("attention") else {}
+    eager = {"attn_implementation": "eager"} if (args.similarity or "attention").startswith("attention") else {}
     teacher = load_model(args.teacher, device=args.device, **eager)
     student = load_model(args.student, device=args.device, **eager)
     data, s_data = _task_data(args, teacher, student)
+    if args.similarity is None:
+        args.similarity = "attention" if s_data is None else "attention_centred"
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     positions = [p.strip() for p in args.positions.split(",") if p.strip()] if args.positions else None
     cache = Path(args.out) / "sweeps"
