@@ -53,11 +53,11 @@ def _attention(cfg: TinyTrainConfig, n: int = 32):
 
 
 def _drink_mass(attentions, asked) -> tuple[float, float]:
-    """Second-layer attention of the answer position on the asked drink and on the other first drink."""
-    a, b = attentions[1][:, :, -1], torch.arange(len(asked))
+    """Second-layer head 0's attention at the answer position on the asked drink and on the other first drink."""
+    a, b = attentions[1][:, 0, -1], torch.arange(len(asked))
     right = torch.tensor([DRINKS[i] for i in asked])
     other = torch.tensor([DRINKS[1 - i] for i in asked])
-    return a[b, :, right].mean().item(), a[b, :, other].mean().item()
+    return a[b, right].mean().item(), a[b, other].mean().item()
 
 
 def test_lookback_heads_attend_their_offset_and_the_binding_layer_prefers_the_asked_drink():

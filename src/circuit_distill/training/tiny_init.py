@@ -21,12 +21,13 @@ The pieces (every weight stays trainable):
   direction and are rotated against each other by RoPE's phase at that offset on the 5 fastest
   frequency pairs. Its value copies a random 32-dimensional projection of the word it finds, and its output writes
   it into a random subspace of its own;
-- second layer (``bind_heads = (qh, kh)``): every head's query reads the subspace written by first-layer
+- second layer (``bind_heads = (qh, kh)``): head 0's query reads the subspace written by first-layer
   head ``qh`` and its key the subspace of head ``kh``, on the RoPE pairs that turn by less than half a
   radian over ``HORIZON`` words (content, not position), so a position whose word ``qh``-back matches a
   position whose word ``kh``-back is attended; the two heads must share a key/value group (one value
   projection, so the copies are comparable). Matching two *different* offsets matters: with one offset
-  the query matches itself. The second layer's value/output copies the fetched word's own embedding.
+  the query matches itself. Head 0's value/output copies the fetched word's own embedding; the other
+  second-layer heads start random (identical heads would stay identical).
 
 For theory of mind, ``lookback_offsets = 1,2,4,5`` and ``bind_heads = 2,3``: the question's container
 is 4 words before the answer position (``the CONT contains ? Answer :`` and ``fill the CONT with ?
@@ -95,22 +96,21 @@ def lookback_heads(att, offsets: list[int], shift_dir: torch.Tensor, freqs: torc
 
 
 def binding_head(att, query_space: torch.Tensor, key_space: torch.Tensor, shift_dir: torch.Tensor,
-                 freqs: torch.Tensor, n_heads: int, n_kv_heads: int, gen: torch.Generator) -> None:
-    """Make every head of ``att`` match the content of ``query_space`` at the query with ``key_space`` at
-    the key (both ``[d_head, d_model]``), on RoPE's slow pairs, and copy the attended word's embedding."""
+                 freqs: torch.Tensor, n_heads: int, gen: torch.Generator) -> None:
+    """Make head 0 of ``att`` match the content of ``query_space`` at the query with ``key_space`` at the key
+    (both ``[d_head, d_model]``), on RoPE's slow pairs, and copy the attended word's embedding. Only head 0's
+    query and output are set (its key/value group's key and value too): identical heads would get identical
+    gradients and stay copies, so the others start random."""
     d_head = att.q_proj.weight.shape[0] // n_heads
     slow = [p for p in range(d_head // 2) if freqs[p] * HORIZON < 0.5] or [d_head // 2 - 1]
     rows = slow + [p + d_head // 2 for p in slow]
-    group = n_heads // n_kv_heads
-    for g in range(n_kv_heads):
-        att.k_proj.weight[g * d_head:(g + 1) * d_head] = 0.0
-        att.k_proj.weight[[g * d_head + r for r in rows]] = key_space[:len(rows)]
-        copy = orthonormal_rows(d_head, shift_dir.shape[0], gen, shift_dir)
-        att.v_proj.weight[g * d_head:(g + 1) * d_head] = copy
-        for h in range(g * group, (g + 1) * group):
-            att.q_proj.weight[h * d_head:(h + 1) * d_head] = 0.0
-            att.q_proj.weight[[h * d_head + r for r in rows]] = query_space[:len(rows)]
-            att.o_proj.weight[:, h * d_head:(h + 1) * d_head] = COPY_SCALE * copy.T
+    copy = orthonormal_rows(d_head, shift_dir.shape[0], gen, shift_dir)
+    att.k_proj.weight[:d_head] = 0.0
+    att.k_proj.weight[rows] = key_space[:len(rows)]
+    att.v_proj.weight[:d_head] = copy
+    att.q_proj.weight[:d_head] = 0.0
+    att.q_proj.weight[rows] = query_space[:len(rows)]
+    att.o_proj.weight[:, :d_head] = copy.T
 
 
 def lookback_init(hf, cfg, shift: torch.Tensor, learned_rows: list[int]) -> None:
@@ -127,5 +127,4 @@ def lookback_init(hf, cfg, shift: torch.Tensor, learned_rows: list[int]) -> None
                                 cfg.n_kv_heads, gen)
         if cfg.bind_heads:
             qh, kh = cfg.bind_heads
-            binding_head(hf.model.layers[1].self_attn, writes[qh], writes[kh], shift_dir, freqs, cfg.n_heads,
-                         cfg.n_kv_heads, gen)
+            binding_head(hf.model.layers[1].self_attn, writes[qh], writes[kh], shift_dir, freqs, cfg.n_heads, gen)
