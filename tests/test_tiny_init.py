@@ -100,3 +100,15 @@ def test_cli_takes_the_lookback_options(tmp_path, capsys):
     assert rc == 0
     cfg = json.loads((tmp_path / "m" / "training.json").read_text())["config"]
     assert cfg["lookback_offsets"] == OFFSETS and cfg["bind_heads"] == [2, 3]
+
+
+def test_owner_head_attends_like_the_binding_head():
+    cfg = _cfg(lookback_offsets=[4, 5, 9, 1], bind_heads=[0, 1, 2])
+    att, asked = _attention(cfg)
+    a, b = att[1][:, 2, -1], torch.arange(len(asked))  # second-layer head 2: the first head of KV group 1
+    right = a[b, torch.tensor([DRINKS[i] for i in asked])].mean().item()
+    other = a[b, torch.tensor([DRINKS[1 - i] for i in asked])].mean().item()
+    assert right > 2.5 * other, (right, other)
+    for bad in (dict(bind_heads=[0, 1, 2, 3]), dict(n_heads=4, n_kv_heads=1)):
+        with pytest.raises(ConfigError, match="bind_heads"):
+            _cfg(**(dict(lookback_offsets=[4, 5, 9, 1], bind_heads=[0, 1, 2]) | bad)).validate()

@@ -94,7 +94,8 @@ class TinyTrainConfig(Config):
     lookback_offsets: list[int] = option(help="theory_of_mind: start first-layer head h looking this many words back "
                                          "and copying (one per head; empty: off; see training.tiny_init)", factory=list)
     bind_heads: list[int] = option(help="with lookback_offsets: two first-layer heads (query's, key's) whose copies "
-                                   "the second layer starts out matching (see training.tiny_init)", factory=list)
+                                   "the second layer starts out matching, optionally a third (owner: its copy is "
+                                   "fetched where they match; see training.tiny_init)", factory=list)
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -134,18 +135,18 @@ class TinyTrainConfig(Config):
 
 
     def validate_lookback(self) -> None:
-        """``lookback_offsets``: one offset >= 1 per head, with an entity shift; ``bind_heads``: two heads of one
-        key/value group, with ``lookback_offsets`` and at least 2 layers."""
+        """``lookback_offsets``: one offset >= 1 per head, with a shift; ``bind_heads``: see training.tiny_init."""
         if self.lookback_offsets and (len(self.lookback_offsets) != self.n_heads or min(self.lookback_offsets) < 1
                                       or not self.entity_shift):
             raise ConfigError(f"lookback_offsets needs one offset >= 1 per head ({self.n_heads}) and entity_shift > 0, "
                               f"got {self.lookback_offsets} (entity_shift {self.entity_shift})")
         group = self.n_heads // max(1, self.n_kv_heads)
-        if self.bind_heads and (not self.lookback_offsets or self.n_layers < 2 or len(self.bind_heads) != 2
+        if self.bind_heads and (not self.lookback_offsets or self.n_layers < 2 or len(self.bind_heads) not in (2, 3)
                                 or not all(0 <= h < self.n_heads for h in self.bind_heads)
-                                or self.bind_heads[0] // group != self.bind_heads[1] // group):
-            raise ConfigError(f"bind_heads must be two heads of one key/value group (groups of {group}), with "
-                              f"lookback_offsets and >= 2 layers, got {self.bind_heads}")
+                                or self.bind_heads[0] // group != self.bind_heads[1] // group
+                                or (len(self.bind_heads) == 3 and self.n_kv_heads < 2)):
+            raise ConfigError(f"bind_heads: two heads of one key/value group (of {group}), optionally an owner head "
+                              f"(2+ groups), with lookback_offsets and >= 2 layers; got {self.bind_heads}")
 
 
 def entity_tokenizer():

@@ -29,6 +29,11 @@ The pieces (every weight stays trainable):
   the query matches itself. Head 0's value/output copies the fetched word's own embedding; the other
   second-layer heads start random (identical heads would stay identical).
 
+An optional third ``bind_heads`` entry names an *owner* head of the first layer: the first head of the
+second layer's second key/value group attends like the binding head and fetches that head's copy
+there (``owner_head``). Toy (``/work/tom-runs/owner.py``, offsets 4,5,9,1, ``bind_heads`` 0,1,2): "What
+grabs the CONT first ?" -> the name, 0.975 at step 150; without it 0.52 at step 600.
+
 For theory of mind, ``lookback_offsets = 1,2,4,5`` and ``bind_heads = 2,3``: the question's container
 is 4 words before the answer position (``the CONT contains ? Answer :`` and ``fill the CONT with ?
 Answer :``) and each drink 5 words after its container (``CONT and fills it with DRINK``).
@@ -113,6 +118,24 @@ def binding_head(att, query_space: torch.Tensor, key_space: torch.Tensor, shift_
     att.o_proj.weight[:, :d_head] = copy.T
 
 
+def owner_head(att, query_space: torch.Tensor, key_space: torch.Tensor, value_space: torch.Tensor,
+               value_source: torch.Tensor, freqs: torch.Tensor, n_heads: int, n_kv_heads: int) -> None:
+    """Make the first head of ``att``'s second key/value group attend like the binding head (query
+    ``query_space``, key ``key_space``) and fetch what ``value_space`` holds there (the copy of the owner
+    head's word: in a filling sentence, 9 words before the drink, the name that filled the container);
+    it writes that word's projection ``value_source [d_head, d_model]`` back into the embedding space."""
+    d_head = att.q_proj.weight.shape[0] // n_heads
+    slow = [p for p in range(d_head // 2) if freqs[p] * HORIZON < 0.5] or [d_head // 2 - 1]
+    rows = slow + [p + d_head // 2 for p in slow]
+    h = n_heads // n_kv_heads  # the first head of group 1
+    att.k_proj.weight[d_head:2 * d_head] = 0.0
+    att.k_proj.weight[[d_head + r for r in rows]] = key_space[:len(rows)]
+    att.v_proj.weight[d_head:2 * d_head] = value_space
+    att.q_proj.weight[h * d_head:(h + 1) * d_head] = 0.0
+    att.q_proj.weight[[h * d_head + r for r in rows]] = query_space[:len(rows)]
+    att.o_proj.weight[:, h * d_head:(h + 1) * d_head] = value_source.T
+
+
 def lookback_init(hf, cfg, shift: torch.Tensor, learned_rows: list[int]) -> None:
     """The lookback circuit of ``cfg.lookback_offsets`` / ``cfg.bind_heads`` (module docstring) in ``hf``;
     ``shift [d_model]`` is the entity shift, ``learned_rows`` the embedding rows that are not entity words."""
@@ -126,5 +149,10 @@ def lookback_init(hf, cfg, shift: torch.Tensor, learned_rows: list[int]) -> None
         writes = lookback_heads(hf.model.layers[0].self_attn, list(cfg.lookback_offsets), shift_dir, freqs,
                                 cfg.n_kv_heads, gen)
         if cfg.bind_heads:
-            qh, kh = cfg.bind_heads
+            qh, kh = cfg.bind_heads[:2]
             binding_head(hf.model.layers[1].self_attn, writes[qh], writes[kh], shift_dir, freqs, cfg.n_heads, gen)
+        if len(cfg.bind_heads) == 3:
+            group = cfg.n_heads // cfg.n_kv_heads
+            source = hf.model.layers[0].self_attn.v_proj.weight[(cfg.bind_heads[2] // group) * (d // cfg.n_heads):]
+            owner_head(hf.model.layers[1].self_attn, writes[qh], writes[kh], writes[cfg.bind_heads[2]],
+                       source[:d // cfg.n_heads] / COPY_SCALE, freqs, cfg.n_heads, cfg.n_kv_heads)
