@@ -49,6 +49,10 @@ def register(sub) -> None:
                    "added to every entity embedding (a word-independent query at entity words)")
     p.add_argument("--qk-match-init", type=float, default=0.0, help="start each query head as this multiple of its "
                    "key head (mimetic initialisation: heads start out matching a word with its earlier mentions)")
+    p.add_argument("--lookback-offsets", default="", help="theory_of_mind: comma-separated, one per head: first-layer "
+                   "head h starts looking this many words back (the lookback circuit; e.g. 1,2,4,5)")
+    p.add_argument("--bind-heads", default="", help="with --lookback-offsets: two first-layer heads (query's, key's) "
+                   "whose copies the second layer starts out matching (e.g. 2,3)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint.pt goes (default: OUT)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (an error if there is none)")
@@ -84,6 +88,7 @@ def run(args) -> int:
         task=args.task, target_cases=[c for c in args.target_cases.split(",") if c], fillers=args.fillers, story_loss=args.story_loss,
         bind_fraction=args.bind_fraction, recap_fraction=args.recap_fraction,
         entity_shift=args.entity_shift, qk_match_init=args.qk_match_init,
+        lookback_offsets=_ints(args.lookback_offsets), bind_heads=_ints(args.bind_heads),
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
         d_mlp=args.d_mlp,
         min_boxes=lo, max_boxes=hi, n_queries=args.queries, easy_fraction=args.easy_fraction,

@@ -40,6 +40,7 @@ from ..model.loading import Model, quiet_transformers, tiny_config
 from ..tasks.theory_of_mind import CASES
 from .curricula import curriculum_for
 from .tiny_card import model_card
+from .tiny_init import lookback_init, match_queries_to_keys
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "history", "reached", "config")
@@ -90,6 +91,11 @@ class TinyTrainConfig(Config):
                                       "training.curricula)")
     qk_match_init: float = option(0.0, "start each query head as this multiple of its key head (mimetic "
                                        "initialisation: heads start out matching a word with its earlier mentions; 0: off)")
+    lookback_offsets: list[int] = option(help="theory_of_mind: start first-layer head h looking this many words back "
+                                         "and copying (one per head; empty: off; see training.tiny_init)", factory=list)
+    bind_heads: list[int] = option(help="with lookback_offsets: two first-layer heads (query's, key's) whose copies "
+                                   "the second layer starts out matching, optionally a third (owner: its copy is "
+                                   "fetched where they match; see training.tiny_init)", factory=list)
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -115,6 +121,7 @@ class TinyTrainConfig(Config):
         for k in ("entity_shift", "qk_match_init"):
             if not 0.0 <= getattr(self, k) < float("inf"):
                 raise ConfigError(f"{k} must be a finite number >= 0, got {getattr(self, k)}")
+        self.validate_lookback()
         for k in ("easy_fraction", "bind_fraction", "recap_fraction"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
@@ -125,6 +132,21 @@ class TinyTrainConfig(Config):
         for k in ("n_queries", "batch_size", "eval_every", "eval_n", "checkpoint_every", "threads"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+    def validate_lookback(self) -> None:
+        """``lookback_offsets``: one offset >= 1 per head, with a shift; ``bind_heads``: see training.tiny_init."""
+        if self.lookback_offsets and (len(self.lookback_offsets) != self.n_heads or min(self.lookback_offsets) < 1
+                                      or not self.entity_shift):
+            raise ConfigError(f"lookback_offsets needs one offset >= 1 per head ({self.n_heads}) and entity_shift > 0, "
+                              f"got {self.lookback_offsets} (entity_shift {self.entity_shift})")
+        group = self.n_heads // max(1, self.n_kv_heads)
+        if self.bind_heads and (not self.lookback_offsets or self.n_layers < 2 or len(self.bind_heads) not in (2, 3)
+                                or not all(0 <= h < self.n_heads for h in self.bind_heads)
+                                or self.bind_heads[0] // group != self.bind_heads[1] // group
+                                or (len(self.bind_heads) == 3 and self.n_kv_heads < 2)):
+            raise ConfigError(f"bind_heads: two heads of one key/value group (of {group}), optionally an owner head "
+                              f"(2+ groups), with lookback_offsets and >= 2 layers; got {self.bind_heads}")
 
 
 def entity_tokenizer():
@@ -156,20 +178,6 @@ def entity_shift(cfg: TinyTrainConfig) -> torch.Tensor:
     return v / v.norm() * cfg.entity_shift
 
 
-def match_queries_to_keys(hf, cfg: TinyTrainConfig) -> None:
-    """Mimetic initialisation of the attention scores (Trockman and Kolter, 2023): each query head starts as
-    ``qk_match_init`` times the key head of its GQA group, so ``W_Q^T W_K`` is positive semi-definite and
-    every head starts out preferring tokens like its own (content matching: a word and its earlier mention)."""
-    d_head = cfg.d_model // cfg.n_heads
-    group = cfg.n_heads // cfg.n_kv_heads
-    with torch.no_grad():
-        for layer in hf.model.layers:
-            q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
-            for h in range(cfg.n_heads):
-                g = h // group
-                q[h * d_head:(h + 1) * d_head] = cfg.qk_match_init * k[g * d_head:(g + 1) * d_head]
-
-
 def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
     """A fresh Llama-style model, initialised from ``cfg.seed``.
 
@@ -184,7 +192,7 @@ def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     hf = AutoModelForCausalLM.from_config(hf_cfg)
     if cfg.qk_match_init:
-        match_queries_to_keys(hf, cfg)
+        match_queries_to_keys(hf, cfg.qk_match_init, cfg.n_heads, cfg.n_kv_heads)
     vocab = tokenizer.get_vocab()
     frozen = sorted(vocab[w] for w in cur.frozen_words(cfg))
     if frozen:
@@ -194,6 +202,9 @@ def build_model(cfg: TinyTrainConfig, tokenizer) -> torch.nn.Module:
         keep = torch.ones(weight.shape[0], 1)
         keep[frozen] = 0.0
         weight.register_hook(lambda grad: grad * keep)
+    if cfg.lookback_offsets:
+        entity_rows = set(frozen)
+        lookback_init(hf, cfg, entity_shift(cfg), [i for i in range(len(tokenizer)) if i not in entity_rows])
     return hf
 
 
