@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 MODELS = ("smollm2-135m", "gemma3-270m", "gemma3-270m-et", "smollm2-135m-et")  # pages of those with stages
-COMPARES = ("compare-et", "compare-3boxes", "compare")  # compare runs in report.html, newest first
+COMPARES = ("compare-et-centred", "compare-3boxes-centred", "compare-et", "compare-3boxes", "compare")  # compare runs in report.html, newest first
 ORDER = ("A", "B", "C", "D")
 ROLES = {  # group -> (name, query token, the token kind Prakash's account has it attend to)
     "A": ("value fetcher", "last", "answer_object"),
