@@ -53,6 +53,9 @@ def register(sub) -> None:
                    "head h starts looking this many words back (the lookback circuit; e.g. 1,2,4,5)")
     p.add_argument("--bind-heads", default="", help="with --lookback-offsets: two first-layer heads (query's, key's) "
                    "whose copies the second layer starts out matching (e.g. 2,3)")
+    p.add_argument("--order-heads", default="", help="with --bind-heads: two first-layer heads (the question's "
+                   "character's copy, the previous word's) the second layer starts out reading sentence order from "
+                   "(see training.tiny_init); e.g. 2,3 with --lookback-offsets 4,5,7,1 --bind-heads 0,1")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint.pt goes (default: OUT)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (an error if there is none)")
@@ -88,7 +91,7 @@ def run(args) -> int:
         task=args.task, target_cases=[c for c in args.target_cases.split(",") if c], fillers=args.fillers, story_loss=args.story_loss,
         bind_fraction=args.bind_fraction, recap_fraction=args.recap_fraction,
         entity_shift=args.entity_shift, qk_match_init=args.qk_match_init,
-        lookback_offsets=_ints(args.lookback_offsets), bind_heads=_ints(args.bind_heads),
+        lookback_offsets=_ints(args.lookback_offsets), bind_heads=_ints(args.bind_heads), order_heads=_ints(args.order_heads),
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
         d_mlp=args.d_mlp,
         min_boxes=lo, max_boxes=hi, n_queries=args.queries, easy_fraction=args.easy_fraction,

@@ -40,7 +40,7 @@ from ..model.loading import Model, quiet_transformers, tiny_config
 from ..tasks.theory_of_mind import CASES
 from .curricula import curriculum_for
 from .tiny_card import model_card
-from .tiny_init import lookback_init, match_queries_to_keys
+from .tiny_init import lookback_init, match_queries_to_keys, validate_lookback
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "elapsed", "history", "reached", "config")
@@ -96,6 +96,10 @@ class TinyTrainConfig(Config):
     bind_heads: list[int] = option(help="with lookback_offsets: two first-layer heads (query's, key's) whose copies "
                                    "the second layer starts out matching, optionally a third (owner: its copy is "
                                    "fetched where they match; see training.tiny_init)", factory=list)
+    order_heads: list[int] = option(help="with bind_heads: two first-layer heads (the question's character's copy, "
+                                    "the previous word's) the second layer starts out reading order from (which "
+                                    "filling sentence a container or character came first in; see training.tiny_init)",
+                                    factory=list)
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the initialisation and of every batch")
     threads: int = option(2, "torch CPU threads")
@@ -121,7 +125,7 @@ class TinyTrainConfig(Config):
         for k in ("entity_shift", "qk_match_init"):
             if not 0.0 <= getattr(self, k) < float("inf"):
                 raise ConfigError(f"{k} must be a finite number >= 0, got {getattr(self, k)}")
-        self.validate_lookback()
+        validate_lookback(self)
         for k in ("easy_fraction", "bind_fraction", "recap_fraction"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
@@ -132,21 +136,6 @@ class TinyTrainConfig(Config):
         for k in ("n_queries", "batch_size", "eval_every", "eval_n", "checkpoint_every", "threads"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
-
-
-    def validate_lookback(self) -> None:
-        """``lookback_offsets``: one offset >= 1 per head, with a shift; ``bind_heads``: see training.tiny_init."""
-        if self.lookback_offsets and (len(self.lookback_offsets) != self.n_heads or min(self.lookback_offsets) < 1
-                                      or not self.entity_shift):
-            raise ConfigError(f"lookback_offsets needs one offset >= 1 per head ({self.n_heads}) and entity_shift > 0, "
-                              f"got {self.lookback_offsets} (entity_shift {self.entity_shift})")
-        group = self.n_heads // max(1, self.n_kv_heads)
-        if self.bind_heads and (not self.lookback_offsets or self.n_layers < 2 or len(self.bind_heads) not in (2, 3)
-                                or not all(0 <= h < self.n_heads for h in self.bind_heads)
-                                or self.bind_heads[0] // group != self.bind_heads[1] // group
-                                or (len(self.bind_heads) == 3 and self.n_kv_heads < 2)):
-            raise ConfigError(f"bind_heads: two heads of one key/value group (of {group}), optionally an owner head "
-                              f"(2+ groups), with lookback_offsets and >= 2 layers; got {self.bind_heads}")
 
 
 def entity_tokenizer():

@@ -34,6 +34,25 @@ second layer's second key/value group attends like the binding head and fetches 
 there (``owner_head``). Toy (``/work/tom-runs/owner.py``, offsets 4,5,9,1, ``bind_heads`` 0,1,2): "What
 grabs the CONT first ?" -> the name, 0.975 at step 150; without it 0.52 at step 600.
 
+**Order heads** (``order_heads = (ch, prev)``): what tells false belief from unknown is whether the
+queried container and the queried character come from the *same* filling sentence. Both the binding and
+the owner lookups above left that to an equality of two random vectors, which no run learned (toy
+``fbu``: 0.49 after 800 steps). The order heads read it from template words instead, the way the
+lookback account's ordering IDs work (which sentence, not which word):
+
+- the binding head's value keeps half of its copy of the attended word (the drink) and takes, in the
+  other half, first-layer head ``ch``'s copy there: 7 words before a drink is ``an`` (first filling),
+  ``another`` (second) or ``empties`` (the refill); it writes that to a subspace of its own;
+- the first head of the second key/value group attends from the answer with ``ch``'s copy (7 words
+  back: the question's character) to that character's mentions (key: the word itself) and copies head
+  ``prev``'s copy there (the word before: ``and`` / ``Then`` before the second character, ``.`` or
+  nothing before the first).
+
+False belief is then the XNOR of two template features, left to the MLPs. Toy (``fbu``: the task's
+question on "cannot" stories; ``/work/tom-runs/order.py``, offsets 4,5,7,1, ``bind_heads`` 0,1,
+``order_heads`` 2,3): 0.74 at step 700, 0.97 at step 1,000; the query scale matters (1: still 0.50 at
+700; ``ORDER_SCALE`` 4).
+
 For theory of mind, ``lookback_offsets = 1,2,4,5`` and ``bind_heads = 2,3``: the question's container
 is 4 words before the answer position (``the CONT contains ? Answer :`` and ``fill the CONT with ?
 Answer :``) and each drink 5 words after its container (``CONT and fills it with DRINK``).
@@ -43,10 +62,34 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+
 HORIZON = 64  # words over which the second layer's content match must not be turned by RoPE
 FAST_PAIRS = 5  # RoPE frequency pairs the first layer's positional heads use
 LOOKBACK_SCALE = 0.8  # query/key scale of the positional heads (about 0.76 of their attention on the offset)
 COPY_SCALE = 0.25  # value scale of the copying heads (writes of norm about 1, like an entity embedding)
+ORDER_SCALE = 4.0  # query scale of the order head (about 0.36 of its attention on the character's mentions)
+
+
+def validate_lookback(cfg) -> None:
+    """``lookback_offsets``: one offset >= 1 per head, with a shift; ``bind_heads``, ``order_heads``: see the
+    module docstring. Raises ``ConfigError`` saying what to change."""
+    if cfg.lookback_offsets and (len(cfg.lookback_offsets) != cfg.n_heads or min(cfg.lookback_offsets) < 1
+                                 or not cfg.entity_shift):
+        raise ConfigError(f"lookback_offsets needs one offset >= 1 per head ({cfg.n_heads}) and entity_shift > 0, "
+                          f"got {cfg.lookback_offsets} (entity_shift {cfg.entity_shift})")
+    group = cfg.n_heads // max(1, cfg.n_kv_heads)
+    heads_ok = all(0 <= h < cfg.n_heads for h in list(cfg.bind_heads) + list(cfg.order_heads))
+    if cfg.bind_heads and (not cfg.lookback_offsets or cfg.n_layers < 2 or len(cfg.bind_heads) not in (2, 3)
+                           or not heads_ok or cfg.bind_heads[0] // group != cfg.bind_heads[1] // group
+                           or (len(cfg.bind_heads) == 3 and cfg.n_kv_heads < 2)):
+        raise ConfigError(f"bind_heads: two heads of one key/value group (of {group}), optionally an owner head "
+                          f"(2+ groups), with lookback_offsets and >= 2 layers; got {cfg.bind_heads}")
+    if cfg.order_heads and (len(cfg.bind_heads) != 2 or len(cfg.order_heads) != 2 or not heads_ok
+                            or cfg.n_kv_heads < 2 or cfg.n_heads // cfg.n_kv_heads < 1):
+        raise ConfigError(f"order_heads: two first-layer heads (character copy, previous word), with two bind_heads "
+                          f"(no owner head) and >= 2 key/value groups; got {cfg.order_heads} "
+                          f"(bind_heads {cfg.bind_heads}, kv heads {cfg.n_kv_heads})")
 
 
 def match_queries_to_keys(hf, scale: float, n_heads: int, n_kv_heads: int, layers=None) -> None:
@@ -107,8 +150,7 @@ def binding_head(att, query_space: torch.Tensor, key_space: torch.Tensor, shift_
     query and output are set (its key/value group's key and value too): identical heads would get identical
     gradients and stay copies, so the others start random."""
     d_head = att.q_proj.weight.shape[0] // n_heads
-    slow = [p for p in range(d_head // 2) if freqs[p] * HORIZON < 0.5] or [d_head // 2 - 1]
-    rows = slow + [p + d_head // 2 for p in slow]
+    rows = slow_rows(freqs, d_head)
     copy = orthonormal_rows(d_head, shift_dir.shape[0], gen, shift_dir)
     att.k_proj.weight[:d_head] = 0.0
     att.k_proj.weight[rows] = key_space[:len(rows)]
@@ -125,8 +167,7 @@ def owner_head(att, query_space: torch.Tensor, key_space: torch.Tensor, value_sp
     head's word: in a filling sentence, 9 words before the drink, the name that filled the container);
     it writes that word's projection ``value_source [d_head, d_model]`` back into the embedding space."""
     d_head = att.q_proj.weight.shape[0] // n_heads
-    slow = [p for p in range(d_head // 2) if freqs[p] * HORIZON < 0.5] or [d_head // 2 - 1]
-    rows = slow + [p + d_head // 2 for p in slow]
+    rows = slow_rows(freqs, d_head)
     h = n_heads // n_kv_heads  # the first head of group 1
     att.k_proj.weight[d_head:2 * d_head] = 0.0
     att.k_proj.weight[[d_head + r for r in rows]] = key_space[:len(rows)]
@@ -134,6 +175,33 @@ def owner_head(att, query_space: torch.Tensor, key_space: torch.Tensor, value_sp
     att.q_proj.weight[h * d_head:(h + 1) * d_head] = 0.0
     att.q_proj.weight[[h * d_head + r for r in rows]] = query_space[:len(rows)]
     att.o_proj.weight[:, h * d_head:(h + 1) * d_head] = value_source.T
+
+
+def order_heads(att, writes: list[torch.Tensor], source: torch.Tensor, shift_dir: torch.Tensor,
+                freqs: torch.Tensor, n_heads: int, n_kv_heads: int, gen: torch.Generator) -> None:
+    """Wire the two order readers of the module docstring into the second layer's attention ``att``:
+    ``writes = [ch's, prev's]`` write subspaces ``[d_head, d_model]``; ``source [d_head, d_model]``: the
+    first-layer value projection ``ch`` copies with (so the order head's key, the word itself, is comparable
+    with ``ch``'s copy). Call after ``binding_head``."""
+    d, d_head = shift_dir.shape[0], att.q_proj.weight.shape[0] // n_heads
+    rows, half = slow_rows(freqs, d_head), d_head // 2
+    copy = att.v_proj.weight[:d_head].clone()
+    att.v_proj.weight[half:d_head] = writes[0][:half]  # the binding head's second half: the word 7 before
+    att.o_proj.weight[:, :half] = copy[:half].T
+    att.o_proj.weight[:, half:d_head] = orthonormal_rows(half, d, gen, shift_dir).T
+    h = n_heads // n_kv_heads  # the first head of group 1 reads the character's order
+    att.k_proj.weight[d_head:2 * d_head] = 0.0
+    att.k_proj.weight[[d_head + r for r in rows]] = source[:len(rows)]
+    att.v_proj.weight[d_head:2 * d_head] = writes[1]
+    att.q_proj.weight[h * d_head:(h + 1) * d_head] = 0.0
+    att.q_proj.weight[[h * d_head + r for r in rows]] = ORDER_SCALE * writes[0][:len(rows)]
+    att.o_proj.weight[:, h * d_head:(h + 1) * d_head] = orthonormal_rows(d_head, d, gen, shift_dir).T
+
+
+def slow_rows(freqs: torch.Tensor, d_head: int) -> list[int]:
+    """The query/key rows of RoPE's pairs that turn by less than half a radian over ``HORIZON`` words."""
+    slow = [p for p in range(d_head // 2) if freqs[p] * HORIZON < 0.5] or [d_head // 2 - 1]
+    return slow + [p + d_head // 2 for p in slow]
 
 
 def lookback_init(hf, cfg, shift: torch.Tensor, learned_rows: list[int]) -> None:
@@ -156,3 +224,9 @@ def lookback_init(hf, cfg, shift: torch.Tensor, learned_rows: list[int]) -> None
             source = hf.model.layers[0].self_attn.v_proj.weight[(cfg.bind_heads[2] // group) * (d // cfg.n_heads):]
             owner_head(hf.model.layers[1].self_attn, writes[qh], writes[kh], writes[cfg.bind_heads[2]],
                        source[:d // cfg.n_heads] / COPY_SCALE, freqs, cfg.n_heads, cfg.n_kv_heads)
+        if cfg.order_heads:
+            ch, prev = cfg.order_heads
+            group = cfg.n_heads // cfg.n_kv_heads
+            source = hf.model.layers[0].self_attn.v_proj.weight[(ch // group) * (d // cfg.n_heads):]
+            order_heads(hf.model.layers[1].self_attn, [writes[ch], writes[prev]], source[:d // cfg.n_heads] / COPY_SCALE,
+                        shift_dir, freqs, cfg.n_heads, cfg.n_kv_heads, gen)
