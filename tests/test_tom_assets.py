@@ -66,4 +66,4 @@ def test_teacher_card_records_a_faithful_circuit():
         pytest.skip("tom-teacher has no circuit card yet")
     card = json.loads(path.read_text())
     assert card["task"] == "theory_of_mind" and card["circuit"] and card["faithfulness"] > 0.5
-    assert set(card["roles"]) == {"visibility", "false_belief_drink", "true_belief_drink", "binding"}
+    assert set(card["roles"]) == {"visibility", "false_belief_drink", "true_belief_drink", "order", "binding"}

@@ -73,7 +73,7 @@ def test_tom_card_describes_every_head_and_is_written_in_place(tom_dir, tmp_path
     model = load_model(tom_dir)
     card = tom_circuit_card(model, n=12, progress=False)
     assert {h["head"] for h in card["heads"]} == {f"L{i}.H{h}" for i in range(2) for h in range(4)}
-    assert set(card["roles"]) == {"visibility", "false_belief_drink", "true_belief_drink", "binding"}
+    assert set(card["roles"]) == {"visibility", "false_belief_drink", "true_belief_drink", "order", "binding"}
     assert all(set(h["ablated_accuracy"]) == {"true_belief", "false_belief", "unknown"} for h in card["heads"])
     d = tmp_path / "m"
     d.mkdir()

@@ -60,8 +60,9 @@ def belief_attention(model, td, *, batch_size: int = 64) -> dict[str, dict[str, 
 
 def head_roles(heads: list[dict]) -> dict[str, dict]:
     """The head that most reads each lookback's source from the last token: Q's visibility word, the
-    drink of the belief (Q's first drink on false belief, the refill on true belief), and at Q's drink
-    the head that most reads Q's name and container (the binding)."""
+    drink of the belief (Q's first drink on false belief, the refill on true belief), Q's mentions in
+    the story (the order reader: which filling sentence is Q's), and at Q's drink the head that most
+    reads Q's name and container (the binding)."""
     def best(score):
         h = max(heads, key=score)
         return {"head": h["head"], "attention": round(score(h), 3)}
@@ -71,6 +72,7 @@ def head_roles(heads: list[dict]) -> dict[str, dict]:
         "visibility": best(lambda h: sum(att(h, c, "last", "q_visibility") for c in CASES) / len(CASES)),
         "false_belief_drink": best(lambda h: att(h, "false_belief", "last", "q_drink")),
         "true_belief_drink": best(lambda h: att(h, "true_belief", "last", "new_drink")),
+        "order": best(lambda h: sum(att(h, c, "last", "q_name") for c in CASES) / len(CASES)),
         "binding": best(lambda h: sum(att(h, c, "q_drink", "q_name") + att(h, c, "q_drink", "q_container")
                                       for c in CASES) / len(CASES)),
     }
@@ -124,6 +126,8 @@ def tom_card_markdown(card: dict) -> str:
         f"- Fetches the drink: false belief (last -> Q's first drink) **{r['false_belief_drink']['head']}** "
         f"({r['false_belief_drink']['attention']:.2f}); true belief (last -> the refill) "
         f"**{r['true_belief_drink']['head']}** ({r['true_belief_drink']['attention']:.2f}).",
+        f"- Reads the queried character's mentions (last token -> Q's name in the story: which filling "
+        f"sentence is Q's): **{r['order']['head']}** ({r['order']['attention']:.2f}).",
         f"- Binding (Q's drink token -> Q's name and container): **{r['binding']['head']}** "
         f"({r['binding']['attention']:.2f}).",
         "",
