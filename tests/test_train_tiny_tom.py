@@ -20,6 +20,7 @@ from circuit_distill.training.curricula.theory_of_mind import (
     belief,
     binding_words,
     entity_pools,
+    order_words,
     question_words,
     story_words,
 )
@@ -125,6 +126,23 @@ def test_binding_questions_ask_a_filling_sentence_and_story_entities_are_distinc
     assert "did" not in words and "did" in tok.get_vocab()
     with pytest.raises(ConfigError, match="bind_fraction"):
         _mini(bind_fraction=1.5)
+
+
+def test_order_questions_ask_whether_a_character_came_first():
+    tok, ids, labels, rows = _stories(_mini(n_queries=4, order_fraction=1.0, batch_size=24), step=5)
+    answers = set()
+    for r, words, s in rows:
+        for t in (labels[r] != -100).nonzero()[:, 0].tolist()[1:]:  # "Question : Did NAME grab a container first ? Answer :"
+            who = words[t - 7]  # 7 words before the answer, where the task's question names its character
+            assert words[t - 10:t + 1] == order_words(who) and who in (s.c1, s.c2)
+            assert words[t + 1] == ("yes" if who == s.c1 else "no")
+            answers.add(words[t + 1])
+    assert answers == {"yes", "no"}
+    mixed = _mini(n_queries=4, bind_fraction=0.5, order_fraction=0.5, batch_size=24)
+    words = tok.convert_ids_to_tokens(sample_batch(mixed, tok, step=5)[0].flatten().tolist())
+    assert "Did" in words and "did" in words and "believe" in words  # the task's first question stays
+    with pytest.raises(ConfigError, match="order_fraction"):
+        _mini(bind_fraction=0.6, order_fraction=0.6).validate()
 
 
 def test_recap_repeats_the_filling_sentences_with_containers_and_drinks_as_targets():

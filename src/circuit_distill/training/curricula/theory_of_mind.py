@@ -35,6 +35,17 @@ container's *first* filling, found by matching the question's container (a fresh
 its mention in the story. The belief questions train it only mixed with the visibility rule; the
 binding question trains the lookup alone.
 
+**Order question** (``order_fraction``, an easier auxiliary form). A fraction of the extra questions
+asks whether a character grabbed its container first (``Question : Did Bob grab a container first ?
+Answer : yes``). Why: false belief and unknown differ only in whether the queried container and the
+queried character come from the same filling sentence; which sentence a word comes from can be read
+from template words next to its mentions (``training.tiny_init``: order heads). A teacher trained
+without this question (run j of ``docs/theory-of-mind-training.md``, step 2,250) had the container's
+sentence linearly decodable at the answer (0.97 on held-out "cannot" stories) and the character's not
+(0.50); false belief and unknown traded against each other (0.52 / 0.43 at step 1,750, 0.15 / 0.82 at
+2,250). The question trains the character's half alone; the character stands 7 words before the
+answer, where the task's question has it.
+
 **Recap** (``recap_fraction``, a denser form of the same lookup). A fraction of the sequences ends
 with the two filling sentences again, in random order (``Bob grabs an opaque bottle and fills it with
 beer .``), each container and drink a target: four bindings per recap (name -> container, container
@@ -86,6 +97,7 @@ from ...tasks.theory_of_mind import CASES, CHARACTERS, CONTAINERS, DRINKS, PLACE
 
 QUESTION = ("Question", ":", "What", "does")
 BIND_WORDS = ("did", "first", "fill")  # the binding question's words (not in the task's vocabulary)
+ORDER_WORDS = ("Did", "grab", "container", "yes", "no")  # the order question's (also not in the task's)
 TRAIN_PREFIX = "train:"  # report key of a case measured on the train split
 
 
@@ -169,6 +181,12 @@ def binding_words(who: str, container: str) -> list[str]:
     return [*QUESTION[:3], "did", who, "first", "fill", "the", container, "with", "?", "Answer", ":"]
 
 
+def order_words(who: str) -> list[str]:
+    """The order question: did ``who`` grab its container first (is it the first filling sentence's
+    character)? ``who`` stands 7 words before the answer, as the character does in the task's question."""
+    return ["Question", ":", "Did", who, "grab", "a", "container", "first", "?", "Answer", ":"]
+
+
 def belief(s: Story, who: str, container: str) -> str:
     """What ``who`` believes ``container`` holds: the last filling of it that ``who`` saw, else "unknown"."""
     fills = [(s.c1, s.containers[0], s.drinks[0]), (s.c2, s.containers[1], s.drinks[1]),
@@ -192,10 +210,15 @@ def story_targets(words: list[str], targets: list[int], vocab: dict[str, int], e
 def extra_question(s: Story, rng: random.Random, cfg) -> tuple[list[str], str]:
     """An extra question of story ``s`` and its answer: with probability ``bind_fraction`` the binding
     question about one of the two filling sentences (answer: its drink), else a random character's
-    belief about a random container (``easy_fraction`` of these in the easy form)."""
-    if rng.random() < cfg.bind_fraction:
+    belief about a random container (``easy_fraction`` of these in the easy form); with probability
+    ``order_fraction`` the order question about one of the two characters (answer: yes or no)."""
+    r = rng.random()
+    if r < cfg.bind_fraction:
         i = rng.randint(0, 1)
         return binding_words((s.c1, s.c2)[i], s.containers[i]), s.drinks[i]
+    if r < cfg.bind_fraction + getattr(cfg, "order_fraction", 0.0):
+        i = rng.randint(0, 1)
+        return order_words((s.c1, s.c2)[i]), ("yes", "no")[i]
     who, cont = rng.choice((s.c1, s.c2)), rng.choice(s.containers)
     return question_words(who, cont, easy=rng.random() < cfg.easy_fraction), belief(s, who, cont)
 
@@ -225,8 +248,10 @@ class TheoryOfMindCurriculum:
             raise ConfigError(f"fillers must be >= 0, got {cfg.fillers}")
 
     def tokenizer(self, cfg):
-        """Word-level, over the task's vocabulary (both splits), the binding question's words and the fillers."""
-        return word_level_tokenizer(task_vocabulary("theory_of_mind") + list(BIND_WORDS) + filler_words(cfg.fillers))
+        """Word-level, over the task's vocabulary (both splits), the binding and order questions' words and the
+        fillers."""
+        return word_level_tokenizer(task_vocabulary("theory_of_mind") + list(BIND_WORDS) + list(ORDER_WORDS)
+                                    + filler_words(cfg.fillers))
 
     def frozen_words(self, cfg) -> list[str]:
         """Every entity word: its embedding stays at its random initialisation."""
