@@ -21,6 +21,7 @@ from circuit_distill.training.curricula.theory_of_mind import (
     binding_words,
     entity_pools,
     order_words,
+    own_words,
     question_words,
     story_words,
 )
@@ -143,6 +144,21 @@ def test_order_questions_ask_whether_a_character_came_first():
     assert "Did" in words and "did" in words and "believe" in words  # the task's first question stays
     with pytest.raises(ConfigError, match="order_fraction"):
         _mini(bind_fraction=0.6, order_fraction=0.6).validate()
+
+
+def test_ownership_questions_ask_whether_a_character_filled_a_container_first():
+    tok, ids, labels, rows = _stories(_mini(n_queries=4, own_fraction=1.0, batch_size=24), step=7)
+    answers = set()
+    for r, words, s in rows:
+        for t in (labels[r] != -100).nonzero()[:, 0].tolist()[1:]:  # "Question : Did NAME fill the CONT first ? Answer :"
+            who, cont = words[t - 7], words[t - 4]  # where the task's question has its character and container
+            assert words[t - 10:t + 1] == own_words(who, cont)
+            owner = (s.c1, s.c2)[s.containers.index(cont)]
+            assert words[t + 1] == ("yes" if who == owner else "no")
+            answers.add(words[t + 1])
+    assert answers == {"yes", "no"}
+    with pytest.raises(ConfigError, match="own_fraction"):
+        _mini(bind_fraction=0.5, own_fraction=0.6).validate()
 
 
 def test_recap_repeats_the_filling_sentences_with_containers_and_drinks_as_targets():

@@ -45,6 +45,8 @@ def register(sub) -> None:
                    "asking what a character first filled a container with (the container -> drink binding alone)")
     p.add_argument("--order-fraction", type=float, default=0.0, help="theory_of_mind: fraction of the extra questions "
                    "asking whether a character grabbed its container first (yes/no: which filling sentence is its own)")
+    p.add_argument("--own-fraction", type=float, default=0.0, help="theory_of_mind: fraction of the extra questions "
+                   "asking whether a character filled a container first (yes/no: false belief vs unknown itself)")
     p.add_argument("--recap-fraction", type=float, default=0.0, help="theory_of_mind: fraction of sequences ending "
                    "with the two filling sentences again (their containers and drinks as targets: the bindings alone)")
     p.add_argument("--entity-shift", type=float, default=0.0, help="theory_of_mind: norm of one fixed random vector "
@@ -91,7 +93,8 @@ def run(args) -> int:
     lo, hi = (_ints(args.boxes) or [0])[0], (_ints(args.boxes) or [0])[-1]
     cfg = TinyTrainConfig(
         task=args.task, target_cases=[c for c in args.target_cases.split(",") if c], fillers=args.fillers, story_loss=args.story_loss,
-        bind_fraction=args.bind_fraction, order_fraction=args.order_fraction, recap_fraction=args.recap_fraction,
+        bind_fraction=args.bind_fraction, order_fraction=args.order_fraction,
+        own_fraction=args.own_fraction, recap_fraction=args.recap_fraction,
         entity_shift=args.entity_shift, qk_match_init=args.qk_match_init,
         lookback_offsets=_ints(args.lookback_offsets), bind_heads=_ints(args.bind_heads), order_heads=_ints(args.order_heads),
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,

@@ -86,6 +86,8 @@ class TinyTrainConfig(Config):
                                        "first filled a container with (the binding alone; see training.curricula)")
     order_fraction: float = option(0.0, "theory_of_mind: fraction of the extra questions asking whether a character "
                                         "grabbed its container first (yes/no; see training.curricula)")
+    own_fraction: float = option(0.0, "theory_of_mind: fraction of the extra questions asking whether a character "
+                                      "filled a container first (yes/no; see training.curricula)")
     recap_fraction: float = option(0.0, "theory_of_mind: fraction of sequences ending with the two filling "
                                         "sentences again, their containers and drinks as targets (see training.curricula)")
     entity_shift: float = option(0.0, "theory_of_mind: norm of one fixed random vector added to every entity "
@@ -128,12 +130,12 @@ class TinyTrainConfig(Config):
             if not 0.0 <= getattr(self, k) < float("inf"):
                 raise ConfigError(f"{k} must be a finite number >= 0, got {getattr(self, k)}")
         validate_lookback(self)
-        for k in ("easy_fraction", "bind_fraction", "order_fraction", "recap_fraction"):
+        for k in ("easy_fraction", "bind_fraction", "order_fraction", "own_fraction", "recap_fraction"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
-        if self.bind_fraction + self.order_fraction > 1.0:
-            raise ConfigError(f"bind_fraction + order_fraction must be <= 1 (fractions of the extra questions), got "
-                              f"{self.bind_fraction} + {self.order_fraction}")
+        if self.bind_fraction + self.order_fraction + self.own_fraction > 1.0:
+            raise ConfigError(f"bind_fraction + order_fraction + own_fraction must be <= 1 (fractions of the extra "
+                              f"questions), got {self.bind_fraction} + {self.order_fraction} + {self.own_fraction}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.anneal_from is not None and not 0 <= self.anneal_from < self.max_steps:

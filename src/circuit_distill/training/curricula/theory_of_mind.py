@@ -46,6 +46,13 @@ sentence linearly decodable at the answer (0.97 on held-out "cannot" stories) an
 2,250). The question trains the character's half alone; the character stands 7 words before the
 answer, where the task's question has it.
 
+**Ownership question** (``own_fraction``). ``Question : Did Bob fill the bottle first ? Answer : yes``:
+the false belief / unknown distinction itself, in yes/no form, with the character and the container at
+the task question's offsets (7 and 4 words before the answer). Why: with the order question (run m,
+step 1,000) the model answered it (0.965 in place) and the character's sentence was decodable at the
+order question's answer (0.98) but not at the task question's (0.47): it learned the readout for that
+question's context only.
+
 **Recap** (``recap_fraction``, a denser form of the same lookup). A fraction of the sequences ends
 with the two filling sentences again, in random order (``Bob grabs an opaque bottle and fills it with
 beer .``), each container and drink a target: four bindings per recap (name -> container, container
@@ -187,6 +194,12 @@ def order_words(who: str) -> list[str]:
     return ["Question", ":", "Did", who, "grab", "a", "container", "first", "?", "Answer", ":"]
 
 
+def own_words(who: str, container: str) -> list[str]:
+    """The ownership question: did ``who`` fill ``container`` first? ``who`` stands 7 words and ``container``
+    4 words before the answer, where the task's question has its character and container."""
+    return ["Question", ":", "Did", who, "fill", "the", container, "first", "?", "Answer", ":"]
+
+
 def belief(s: Story, who: str, container: str) -> str:
     """What ``who`` believes ``container`` holds: the last filling of it that ``who`` saw, else "unknown"."""
     fills = [(s.c1, s.containers[0], s.drinks[0]), (s.c2, s.containers[1], s.drinks[1]),
@@ -211,7 +224,8 @@ def extra_question(s: Story, rng: random.Random, cfg) -> tuple[list[str], str]:
     """An extra question of story ``s`` and its answer: with probability ``bind_fraction`` the binding
     question about one of the two filling sentences (answer: its drink), else a random character's
     belief about a random container (``easy_fraction`` of these in the easy form); with probability
-    ``order_fraction`` the order question about one of the two characters (answer: yes or no)."""
+    ``order_fraction`` the order question about one of the two characters (answer: yes or no), with
+    ``own_fraction`` the ownership question about a character and a container (yes or no)."""
     r = rng.random()
     if r < cfg.bind_fraction:
         i = rng.randint(0, 1)
@@ -219,6 +233,9 @@ def extra_question(s: Story, rng: random.Random, cfg) -> tuple[list[str], str]:
     if r < cfg.bind_fraction + getattr(cfg, "order_fraction", 0.0):
         i = rng.randint(0, 1)
         return order_words((s.c1, s.c2)[i]), ("yes", "no")[i]
+    if r < cfg.bind_fraction + getattr(cfg, "order_fraction", 0.0) + getattr(cfg, "own_fraction", 0.0):
+        i, j = rng.randint(0, 1), rng.randint(0, 1)
+        return own_words((s.c1, s.c2)[i], s.containers[j]), ("yes" if i == j else "no")
     who, cont = rng.choice((s.c1, s.c2)), rng.choice(s.containers)
     return question_words(who, cont, easy=rng.random() < cfg.easy_fraction), belief(s, who, cont)
 
