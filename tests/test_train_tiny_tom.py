@@ -314,3 +314,17 @@ def test_cli_trains_theory_of_mind(tmp_path, capsys):
     assert out["steps"] == 4 and "train:unknown" in out["final_accuracy"]
     rec = json.loads((tmp_path / "m" / "training.json").read_text())
     assert rec["config"]["target_cases"] == ["false_belief"] and set(rec["history"][0]["accuracy"]) == {"false_belief"}
+
+
+def test_case_weights_set_how_often_each_case_is_drawn(capsys):
+    cfg = _mini(case_weights=[0.0, 1.0, 3.0], batch_size=200)
+    tok = curriculum_for(cfg.task).tokenizer(cfg)
+    words = [tok.convert_ids_to_tokens(r.tolist()) for r in sample_batch(cfg, tok, step=1)[0]]
+    cases = [("true_belief" if s.q_sees else "false_belief" if s.container == s.containers[s.q_index] else "unknown")
+             for s in map(_parse, words)]
+    assert cases.count("true_belief") == 0 and 0.6 < cases.count("unknown") / cases.count("false_belief") / 3 < 1.6
+    for bad in ([1.0, 1.0], [0.0, 0.0, 0.0], [-1.0, 1.0, 1.0]):
+        with pytest.raises(ConfigError, match="case_weights"):
+            _mini(case_weights=bad).validate()
+    assert main(["train-tiny", "x", "--task", "theory_of_mind", "--case-weights", "a,b"]) == 2
+    assert "--case-weights takes comma-separated numbers" in capsys.readouterr().err

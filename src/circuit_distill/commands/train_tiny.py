@@ -47,6 +47,8 @@ def register(sub) -> None:
                    "asking whether a character grabbed its container first (yes/no: which filling sentence is its own)")
     p.add_argument("--own-fraction", type=float, default=0.0, help="theory_of_mind: fraction of the extra questions "
                    "asking whether a character filled a container first (yes/no: false belief vs unknown itself)")
+    p.add_argument("--case-weights", default="1,1,1", help="theory_of_mind: how often each case (true belief, false "
+                   "belief, unknown) is drawn for training, e.g. 0.1,1,1")
     p.add_argument("--recap-fraction", type=float, default=0.0, help="theory_of_mind: fraction of sequences ending "
                    "with the two filling sentences again (their containers and drinks as targets: the bindings alone)")
     p.add_argument("--entity-shift", type=float, default=0.0, help="theory_of_mind: norm of one fixed random vector "
@@ -69,6 +71,15 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def _floats(spec: str, flag: str) -> list[float]:
+    from ..errors import ConfigError
+
+    try:
+        return [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 0.1,1,1; got {spec!r}") from None
 
 
 def _ints(spec: str) -> list[int]:
@@ -94,7 +105,7 @@ def run(args) -> int:
     cfg = TinyTrainConfig(
         task=args.task, target_cases=[c for c in args.target_cases.split(",") if c], fillers=args.fillers, story_loss=args.story_loss,
         bind_fraction=args.bind_fraction, order_fraction=args.order_fraction,
-        own_fraction=args.own_fraction, recap_fraction=args.recap_fraction,
+        own_fraction=args.own_fraction, case_weights=_floats(args.case_weights, "--case-weights"), recap_fraction=args.recap_fraction,
         entity_shift=args.entity_shift, qk_match_init=args.qk_match_init,
         lookback_offsets=_ints(args.lookback_offsets), bind_heads=_ints(args.bind_heads), order_heads=_ints(args.order_heads),
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,

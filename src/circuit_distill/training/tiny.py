@@ -79,6 +79,8 @@ class TinyTrainConfig(Config):
     report_n: int = option(500, "prompts per box count (or case) of the final measurement")
     target_cases: list[str] = option(help="theory_of_mind: cases of the stopping rule (test split)",
                                      factory=lambda: list(CASES))
+    case_weights: list[float] = option(help="theory_of_mind: how often each case (true belief, false belief, unknown) "
+                                       "is drawn for training (see training.curricula)", factory=lambda: [1.0, 1.0, 1.0])
     fillers: int = option(256, "theory_of_mind: training-only entity words e0.. (see training.curricula)")
     story_loss: bool = option(False, "theory_of_mind: also train next-word prediction on every predictable "
                                      "word (template words and entities seen before), not only the answers")

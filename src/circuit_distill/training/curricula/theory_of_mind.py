@@ -53,6 +53,13 @@ step 1,000) the model answered it (0.965 in place) and the character's sentence 
 order question's answer (0.98) but not at the task question's (0.47): it learned the readout for that
 question's context only.
 
+**Case weights** (``case_weights``). How often the story (and the task's question) is of each case
+(true belief, false belief, unknown; default equal). Why: the order heads' toy learned to tell false
+belief from unknown on "cannot" stories alone (0.977 at step 1,200) but not with true-belief stories in a
+third of the sequences (0.60-0.69 at steps 300-1,300, where true belief and "unknown" alone give 0.67),
+and no teacher run with equal cases did (runs j-o). True belief is learned from few examples (the refill,
+always at one place; 0.975 by step 1,000 in run k), so it can be rare.
+
 **Recap** (``recap_fraction``, a denser form of the same lookup). A fraction of the sequences ends
 with the two filling sentences again, in random order (``Bob grabs an opaque bottle and fills it with
 beer .``), each container and drink a target: four bindings per recap (name -> container, container
@@ -146,10 +153,10 @@ def filler_words(fillers: int) -> list[str]:
     return [f"e{i}" for i in range(fillers)]
 
 
-def sample_story(rng: random.Random, pools: dict[str, list[str]]) -> Story:
-    """A story of one of the three cases (uniformly), drawn like the task generator draws it; its eight
-    entities are distinct words even when the kinds share one pool (the fillers)."""
-    case = rng.choice(CASES)
+def sample_story(rng: random.Random, pools: dict[str, list[str]], weights: list[float] | None = None) -> Story:
+    """A story of one of the three cases (uniformly, or by ``weights`` over ``CASES``), drawn like the task
+    generator draws it; its eight entities are distinct words even when the kinds share one pool (the fillers)."""
+    case = rng.choices(CASES, weights)[0] if weights and len(set(weights)) > 1 else rng.choice(CASES)
     q_index = rng.randint(0, 1)
     own = rng.random() < 0.5 if case == "true_belief" else case == "false_belief"
     used: set[str] = set()
@@ -258,6 +265,9 @@ class TheoryOfMindCurriculum:
     tied_embeddings = True
 
     def validate(self, cfg) -> None:
+        w = cfg.case_weights
+        if len(w) != len(CASES) or min(w) < 0 or not 0 < sum(w) < float("inf"):
+            raise ConfigError(f"case_weights: one weight >= 0 per case ({', '.join(CASES)}), not all 0; got {w}")
         bad = [c for c in cfg.target_cases if c not in CASES]
         if bad or not cfg.target_cases:
             raise ConfigError(f"target_cases must be a non-empty subset of {', '.join(CASES)}, got {cfg.target_cases}")
@@ -283,7 +293,7 @@ class TheoryOfMindCurriculum:
         pools = entity_pools(cfg.fillers)
         rows, targets = [], []
         for _ in range(cfg.batch_size):
-            s = sample_story(rng, pools)
+            s = sample_story(rng, pools, cfg.case_weights)
             words = story_words(s)
             tgt = [-100] * len(words)
             for j in range(cfg.n_queries):
