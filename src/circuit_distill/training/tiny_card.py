@@ -10,7 +10,9 @@ from .curricula import curriculum_for
 
 # what a record written before these options existed was trained with
 RECORD_DEFAULTS = {"task": "entity_tracking", "anneal_from": None, "same_boxes_per_batch": False,
-                   "story_loss": False, "bind_fraction": 0.0, "recap_fraction": 0.0, "entity_shift": 0.0, "qk_match_init": 0.0}
+                   "story_loss": False, "bind_fraction": 0.0, "recap_fraction": 0.0, "entity_shift": 0.0, "qk_match_init": 0.0,
+                   "order_fraction": 0.0, "own_fraction": 0.0, "case_weights": [1.0, 1.0, 1.0], "lookback_offsets": [],
+                   "bind_heads": [], "order_heads": []}
 
 
 def model_card(record: dict) -> str:

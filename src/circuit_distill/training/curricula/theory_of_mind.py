@@ -258,6 +258,37 @@ def recap_words(s: Story, rng: random.Random) -> tuple[list[str], list[int]]:
     return words, predicted
 
 
+def case_mix(cfg) -> str:
+    """How often the cases are drawn, in words (for the model card)."""
+    w = list(getattr(cfg, "case_weights", [1.0, 1.0, 1.0]))
+    if len(set(w)) == 1:
+        return "the three cases equally often"
+    return "cases drawn with weights " + ", ".join(f"{c} {x:g}" for c, x in zip(CASES, w))
+
+
+def extra_mix(cfg) -> str:
+    """What the extra questions are, in words (for the model card)."""
+    if cfg.n_queries < 2:
+        return ""
+    parts = [(getattr(cfg, k, 0.0), name) for k, name in (("bind_fraction", "the binding question"),
+                                                         ("order_fraction", "the order question"),
+                                                         ("own_fraction", "the ownership question"))]
+    rest = 1.0 - sum(f for f, _ in parts)
+    named = [f"{f:.0%} {name}" for f, name in parts if f]
+    if rest > 1e-9:
+        named.append(f"{rest:.0%} a random character's belief ({cfg.easy_fraction:.0%} of those in the easy form)")
+    return "; the others: " + ", ".join(named)
+
+
+def init_text(cfg) -> str:
+    """The structured initialisation, in words (for the model card)."""
+    if not getattr(cfg, "lookback_offsets", None):
+        return ""
+    return (f"; initialised with the lookback circuit (`training.tiny_init`: first-layer heads "
+            f"{', '.join(map(str, cfg.lookback_offsets))} words back, binding heads {list(cfg.bind_heads)}"
+            + (f", order heads {list(cfg.order_heads)}" if getattr(cfg, "order_heads", None) else "") + ")")
+
+
 class TheoryOfMindCurriculum:
     """``theory_of_mind`` for ``train_tiny`` (see the module docstring)."""
 
@@ -336,8 +367,8 @@ class TheoryOfMindCurriculum:
             "title": "Tiny theory-of-mind model (trained by circuit-distill)",
             "vocabulary": f"the `theory_of_mind` vocabulary plus {cfg.fillers} training-only words `e0..`",
             "data": f"one story and {cfg.n_queries} questions per sequence (the first the task's question, "
-                    f"the three cases equally often; {cfg.easy_fraction:.0%} of the others in the easy form "
-                    "answered right after the container)"
+                    f"{case_mix(cfg)}" + extra_mix(cfg) + ")"
+                    + init_text(cfg)
                     + ("; next-word loss on every predictable word too (template words, entities seen before)"
                        if getattr(cfg, "story_loss", False) else "") + ", entities drawn from the filler words only, their "
                     "embeddings drawn afresh at every step, the task's entity words never seen and their "
