@@ -102,8 +102,26 @@ def test_demo_on_the_shipped_models_small_budget(tmp_path):
 def small_cfg(pair, **kw) -> DemoConfig:
     base = dict(teacher=pair[0], student=pair[1], seeds=[0, 1], steps=3, batch_size=8, n_train=32, n_eval=16,
                 n_discovery=24, eval_every=0, circuit_top_k=2, train_boxes="2-3", eval_boxes=3, hard_boxes=4,
-                extra_matchers=[], grid=False)
+                extra_matchers=[], grid=False, jobs=1)  # in this process: tests count calls and interrupt runs
     return DemoConfig(**{**base, **kw})
+
+
+def test_demo_runs_in_worker_processes_give_the_same_records(pair, tmp_path):
+    """``jobs=2`` (forked workers, one thread each) writes the same runs as ``jobs=1``, and the same table."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic as the workers'
+    try:
+        one = run_demo(small_cfg(pair), tmp_path / "one", progress=False, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    two = run_demo(small_cfg(pair, jobs=2), tmp_path / "two", progress=False, log=lambda *a: None)
+    key = lambda r: (r["row"], r["seed"])  # noqa: E731  (workers finish in any order)
+    runs = [sorted(json.loads((tmp_path / d / "runs.json").read_text()), key=key) for d in ("one", "two")]
+    assert len(runs[1]) == 2 * len(two["rows"]) and runs[0] == runs[1]
+    assert one["rows"] == two["rows"]
+    assert (tmp_path / "two" / "comparison_after.json").exists()
 
 
 def count_sweeps(monkeypatch) -> list[tuple]:

@@ -26,8 +26,8 @@ STUDENT = "builtin:entity-tracking-student"
 GRID_STUDENTS = {"cold": "builtin:entity-tracking-student-cold", "partial": STUDENT}
 GRID_TRAINABLE = ("matched_heads", "all")
 GRID_ROWS = ("ce", "ce+random_cka", "ce+align_cka")
-# the settings of the grid only: the demo's own runs do not depend on them
-GRID_KEYS = ("grid", "grid_students", "grid_trainable", "grid_rows", "grid_n_eval", "grid_jobs")
+# settings the demo's own runs do not depend on: the grid's, and how many processes run the table
+GRID_KEYS = ("grid", "grid_students", "grid_trainable", "grid_rows", "grid_n_eval", "grid_jobs", "jobs")
 # row name -> (objective preset, component-map key, trainable subset). For ``ce+random_cka`` the
 # trainer keeps the map's student heads (so the trainable subset is the same) and pairs each with a
 # seeded random teacher circuit head.
@@ -80,6 +80,7 @@ class DemoConfig(ProtocolConfig):
                                   factory=lambda: list(GRID_ROWS))
     grid_n_eval: int = option(1000, "prompts in each of the grid's held-out sets (its bootstrap CIs resample them)")
     grid_jobs: int = option(2, "worker processes of the grid (the study runner's --jobs)")
+    jobs: int = option(2, "worker processes of the table's runs (one torch thread each; 1: in this process)")
 
     def validate(self) -> None:
         super().validate()
@@ -105,7 +106,7 @@ class DemoConfig(ProtocolConfig):
             raise ConfigError(f"unknown grid_trainable scope(s) {', '.join(map(repr, bad))}; choose from {', '.join(SCOPES)}")
         for row in self.grid_rows:
             parse_row(row)
-        for key in ("grid_n_eval", "grid_jobs"):
+        for key in ("grid_n_eval", "grid_jobs", "jobs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"demo setting {key} must be >= 1, got {getattr(self, key)}")
         self.grid_config()  # and the study's own checks

@@ -145,9 +145,39 @@ def cache_iit_targets(cache: TeacherCache, teacher, train, heads) -> None:
         cache_interchanges(cache, teacher, train, [[h] for h in heads], setting)
 
 
+_JOB: dict = {}  # what a forked worker of ``train_rows`` inherits: the config, the rows and the context
+
+
+def _run_job(job: tuple[str, int]) -> tuple[dict, dict | None]:
+    """One (row, seed) in a worker process: the run record, and the comparison if the report needs it."""
+    row, seed = job
+    cfg, rows, ctx = _JOB["cfg"], _JOB["rows"], _JOB["ctx"]
+    record, cmp = run_row(cfg, row, rows[row], seed, ctx)
+    return record, (cmp.to_dict() if row == REPORT_ROW and seed == cfg.seeds[0] else None)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _results(cfg: DemoConfig, rows: dict, ctx: dict, todo: list[tuple[str, int]]):
+    """Yield ``(record, comparison dict or None)`` for every job of ``todo``, in ``cfg.jobs`` forked processes
+    (one torch thread each; every run is seeded, so the records do not depend on the process) or here."""
+    if cfg.jobs < 2 or len(todo) < 2:
+        for job in todo:
+            _JOB.update(cfg=cfg, rows=rows, ctx=ctx)
+            yield _run_job(job)
+        return
+    import multiprocessing as mp
+
+    _JOB.update(cfg=cfg, rows=rows, ctx=ctx)
+    with mp.get_context("fork").Pool(min(cfg.jobs, len(todo)), initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(_run_job, todo)
+
+
 def train_rows(cfg: DemoConfig, rows: dict, ctx: dict, out: Path, runs: list[dict], progress: bool, log) -> Comparison | None:
-    """Every (row, seed) not in ``runs``, each saved to ``runs.json`` as it finishes; returns the
-    comparison of the report row's first seed (``None`` if it cannot be found)."""
+    """Every (row, seed) not in ``runs``, each saved to ``runs.json`` as it finishes (``cfg.jobs`` at a time);
+    returns the comparison of the report row's first seed (``None`` if it cannot be found)."""
     from tqdm.auto import tqdm
 
     done = {(r["row"], r["seed"]) for r in runs}
@@ -155,14 +185,14 @@ def train_rows(cfg: DemoConfig, rows: dict, ctx: dict, out: Path, runs: list[dic
     if done:
         log(f"continuing: {len(done)} finished runs in {out / RUNS} are kept, {len(todo)} to go")
     report_path = out / REPORT_COMPARISON
-    bar = tqdm(todo, desc="demo runs", disable=not progress)
-    for row, seed in bar:
-        bar.set_postfix_str(f"{row} seed {seed}")
-        record, cmp = run_row(cfg, row, rows[row], seed, ctx)
-        if row == REPORT_ROW and seed == cfg.seeds[0]:
-            atomic_write_json(report_path, finite_or_none(cmp.to_dict()))
+    bar = tqdm(total=len(todo), desc=f"demo runs ({min(cfg.jobs, max(1, len(todo)))} at a time)", disable=not progress)
+    for record, cmp in _results(cfg, rows, ctx, todo):
+        bar.set_postfix_str(f"{record['row']} seed {record['seed']}")
+        if cmp is not None:
+            atomic_write_json(report_path, finite_or_none(cmp))
         runs.append(record)
         atomic_write_json(out / RUNS, finite_or_none(runs), default=float)  # nothing lost if interrupted
+        bar.update()
     bar.close()
     return Comparison.from_dict(json.loads(report_path.read_text())) if report_path.exists() else None
 
