@@ -393,3 +393,25 @@ def test_runs_saved_before_the_task_setting_existed_still_continue(tmp_path):
     tom = StudyConfig(task="theory_of_mind")
     with pytest.raises(ConfigError, match="differs in: task"):
         check_settings(tmp_path, tom)
+
+
+def test_head_roles_on_theory_of_mind_read_the_story_roles():
+    """The transfer check's attention profiles work on theory of mind (3 query tokens x 12 story roles, rows
+    that sum to 1), and a model's heads are fully similar to themselves."""
+    import numpy as np
+
+    from circuit_distill.model import load_model
+    from circuit_distill.study.transfer import Roles, attention_profiles, role_similarity
+    from circuit_distill.tasks import make_task
+    from circuit_distill.training.tom_card import TOM_CATEGORIES, TOM_QUERIES
+
+    model = load_model("builtin:tom-teacher")
+    td = make_task("theory_of_mind", model, 16, seed=3, split="test", n_reference=1)
+    prof = attention_profiles(model, td)
+    assert len(prof) == 12 and all(p.shape == (len(TOM_QUERIES), len(TOM_CATEGORIES)) for p in prof.values())
+    assert np.allclose([p.sum(-1) for p in prof.values()], 1.0, atol=1e-3)
+    roles = Roles(prof, {h: 10.0 for h in prof})
+    heads = sorted(prof, key=str)
+    same = role_similarity(roles, roles, list(zip(heads, heads)))
+    other = role_similarity(roles, roles, list(zip(heads, heads[1:] + heads[:1])))
+    assert same["attention"] == 1.0 and other["attention"] < 0.9

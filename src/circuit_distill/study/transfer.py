@@ -3,7 +3,9 @@
 A head's *role* on a task has two parts, both measured on the same prompts for teacher and student:
 
 - where it looks: its attention by token kind from the final token and from the earlier label
-  (``training.card.attention_by_category``: 2 query tokens x 7 kinds, each row a distribution);
+  (``training.card.attention_by_category``: 2 query tokens x 7 kinds, each row a distribution; on theory
+  of mind from the final token, Q's first drink and Q's visibility word over 12 story roles,
+  ``training.tom_card.belief_attention``);
 - how much the model relies on it: its single-head mean-ablation drop (``analysis.drops``: percent of the
   logit difference lost, clamped to [0, 100]).
 
@@ -30,9 +32,16 @@ METRIC = "logit_diff"
 
 
 def attention_profiles(model, td: TaskData) -> dict[Component, np.ndarray]:
-    """Each head's attention by token kind: ``head -> [queries, kinds]`` (each row sums to about 1)."""
-    by = attention_by_category(model, td)
-    return {h: np.array([[by[q][c][h.layer][h.head] for c in CATEGORIES] for q in QUERIES])
+    """Each head's attention by token kind: ``head -> [queries, kinds]`` (each row sums to about 1). Entity
+    tracking: 2 query tokens x 7 kinds (``training.card``); theory of mind: 3 x 12 story roles
+    (``training.tom_card``)."""
+    if td.name == "theory_of_mind":
+        from ..training.tom_card import TOM_CATEGORIES, TOM_QUERIES, belief_attention
+
+        by, kinds, queries = belief_attention(model, td), TOM_CATEGORIES, TOM_QUERIES
+    else:
+        by, kinds, queries = attention_by_category(model, td), CATEGORIES, QUERIES
+    return {h: np.array([[by[q][c][h.layer][h.head] for c in kinds] for q in queries])
             for h in model.components("head")}
 
 
