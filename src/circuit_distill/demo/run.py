@@ -163,14 +163,12 @@ def _init_worker() -> None:
 def _results(cfg: DemoConfig, rows: dict, ctx: dict, todo: list[tuple[str, int]]):
     """Yield ``(record, comparison dict or None)`` for every job of ``todo``, in ``cfg.jobs`` forked processes
     (one torch thread each; every run is seeded, so the records do not depend on the process) or here."""
+    _JOB.update(cfg=cfg, rows=rows, ctx=ctx)
     if cfg.jobs < 2 or len(todo) < 2:
-        for job in todo:
-            _JOB.update(cfg=cfg, rows=rows, ctx=ctx)
-            yield _run_job(job)
+        yield from map(_run_job, todo)
         return
     import multiprocessing as mp
 
-    _JOB.update(cfg=cfg, rows=rows, ctx=ctx)
     with mp.get_context("fork").Pool(min(cfg.jobs, len(todo)), initializer=_init_worker) as pool:
         yield from pool.imap_unordered(_run_job, todo)
 

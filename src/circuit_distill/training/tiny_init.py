@@ -220,13 +220,17 @@ def lookback_init(hf, cfg, shift: torch.Tensor, learned_rows: list[int]) -> None
             qh, kh = cfg.bind_heads[:2]
             binding_head(hf.model.layers[1].self_attn, writes[qh], writes[kh], shift_dir, freqs, cfg.n_heads, gen)
         if len(cfg.bind_heads) == 3:
-            group = cfg.n_heads // cfg.n_kv_heads
-            source = hf.model.layers[0].self_attn.v_proj.weight[(cfg.bind_heads[2] // group) * (d // cfg.n_heads):]
             owner_head(hf.model.layers[1].self_attn, writes[qh], writes[kh], writes[cfg.bind_heads[2]],
-                       source[:d // cfg.n_heads] / COPY_SCALE, freqs, cfg.n_heads, cfg.n_kv_heads)
+                       copy_projection(hf, cfg, cfg.bind_heads[2]), freqs, cfg.n_heads, cfg.n_kv_heads)
         if cfg.order_heads:
             ch, prev = cfg.order_heads
-            group = cfg.n_heads // cfg.n_kv_heads
-            source = hf.model.layers[0].self_attn.v_proj.weight[(ch // group) * (d // cfg.n_heads):]
-            order_heads(hf.model.layers[1].self_attn, [writes[ch], writes[prev]], source[:d // cfg.n_heads] / COPY_SCALE,
+            order_heads(hf.model.layers[1].self_attn, [writes[ch], writes[prev]], copy_projection(hf, cfg, ch),
                         shift_dir, freqs, cfg.n_heads, cfg.n_kv_heads, gen)
+
+
+def copy_projection(hf, cfg, head: int) -> torch.Tensor:
+    """``[d_head, d_model]``: the projection first-layer head ``head`` copies words with (its key/value group's
+    value rows, without ``COPY_SCALE``), so a later key can read a word the way that head's copy holds it."""
+    d_head = cfg.d_model // cfg.n_heads
+    g = head // (cfg.n_heads // cfg.n_kv_heads)
+    return hf.model.layers[0].self_attn.v_proj.weight[g * d_head:(g + 1) * d_head] / COPY_SCALE

@@ -68,13 +68,16 @@ def head_roles(heads: list[dict]) -> dict[str, dict]:
         return {"head": h["head"], "attention": round(score(h), 3)}
 
     att = lambda h, case, q, k: h["attention"][case][q][k]  # noqa: E731
+
+    def over_cases(q, *keys):  # a head's attention from query q on the roles keys, mean over the cases
+        return lambda h: sum(att(h, c, q, k) for c in CASES for k in keys) / len(CASES)
+
     return {
-        "visibility": best(lambda h: sum(att(h, c, "last", "q_visibility") for c in CASES) / len(CASES)),
+        "visibility": best(over_cases("last", "q_visibility")),
         "false_belief_drink": best(lambda h: att(h, "false_belief", "last", "q_drink")),
         "true_belief_drink": best(lambda h: att(h, "true_belief", "last", "new_drink")),
-        "order": best(lambda h: sum(att(h, c, "last", "q_name") for c in CASES) / len(CASES)),
-        "binding": best(lambda h: sum(att(h, c, "q_drink", "q_name") + att(h, c, "q_drink", "q_container")
-                                      for c in CASES) / len(CASES)),
+        "order": best(over_cases("last", "q_name")),
+        "binding": best(over_cases("q_drink", "q_name", "q_container")),
     }
 
 

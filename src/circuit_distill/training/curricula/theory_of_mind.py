@@ -234,13 +234,14 @@ def extra_question(s: Story, rng: random.Random, cfg) -> tuple[list[str], str]:
     ``order_fraction`` the order question about one of the two characters (answer: yes or no), with
     ``own_fraction`` the ownership question about a character and a container (yes or no)."""
     r = rng.random()
+    to_order = cfg.bind_fraction + cfg.order_fraction
     if r < cfg.bind_fraction:
         i = rng.randint(0, 1)
         return binding_words((s.c1, s.c2)[i], s.containers[i]), s.drinks[i]
-    if r < cfg.bind_fraction + getattr(cfg, "order_fraction", 0.0):
+    if r < to_order:
         i = rng.randint(0, 1)
         return order_words((s.c1, s.c2)[i]), ("yes", "no")[i]
-    if r < cfg.bind_fraction + getattr(cfg, "order_fraction", 0.0) + getattr(cfg, "own_fraction", 0.0):
+    if r < to_order + cfg.own_fraction:
         i, j = rng.randint(0, 1), rng.randint(0, 1)
         return own_words((s.c1, s.c2)[i], s.containers[j]), ("yes" if i == j else "no")
     who, cont = rng.choice((s.c1, s.c2)), rng.choice(s.containers)
@@ -260,7 +261,7 @@ def recap_words(s: Story, rng: random.Random) -> tuple[list[str], list[int]]:
 
 def case_mix(cfg) -> str:
     """How often the cases are drawn, in words (for the model card)."""
-    w = list(getattr(cfg, "case_weights", [1.0, 1.0, 1.0]))
+    w = cfg.case_weights
     if len(set(w)) == 1:
         return "the three cases equally often"
     return "cases drawn with weights " + ", ".join(f"{c} {x:g}" for c, x in zip(CASES, w))
@@ -270,7 +271,7 @@ def extra_mix(cfg) -> str:
     """What the extra questions are, in words (for the model card)."""
     if cfg.n_queries < 2:
         return ""
-    parts = [(getattr(cfg, k, 0.0), name) for k, name in (("bind_fraction", "the binding question"),
+    parts = [(getattr(cfg, k), name) for k, name in (("bind_fraction", "the binding question"),
                                                          ("order_fraction", "the order question"),
                                                          ("own_fraction", "the ownership question"))]
     rest = 1.0 - sum(f for f, _ in parts)
@@ -282,11 +283,11 @@ def extra_mix(cfg) -> str:
 
 def init_text(cfg) -> str:
     """The structured initialisation, in words (for the model card)."""
-    if not getattr(cfg, "lookback_offsets", None):
+    if not cfg.lookback_offsets:
         return ""
     return (f"; initialised with the lookback circuit (`training.tiny_init`: first-layer heads "
             f"{', '.join(map(str, cfg.lookback_offsets))} words back, binding heads {list(cfg.bind_heads)}"
-            + (f", order heads {list(cfg.order_heads)}" if getattr(cfg, "order_heads", None) else "") + ")")
+            + (f", order heads {list(cfg.order_heads)}" if cfg.order_heads else "") + ")")
 
 
 class TheoryOfMindCurriculum:
@@ -370,7 +371,7 @@ class TheoryOfMindCurriculum:
                     f"{case_mix(cfg)}" + extra_mix(cfg) + ")"
                     + init_text(cfg)
                     + ("; next-word loss on every predictable word too (template words, entities seen before)"
-                       if getattr(cfg, "story_loss", False) else "") + ", entities drawn from the filler words only, their "
+                       if cfg.story_loss else "") + ", entities drawn from the filler words only, their "
                     "embeddings drawn afresh at every step, the task's entity words never seen and their "
                     "embeddings frozen at their random initialisation (tied input/output), loss on the "
                     "answers only",
